@@ -1,0 +1,268 @@
+"""The one function workers run: :func:`run_chunk`.
+
+Data flow for ``m.score.map(xs, n_jobs=2)``::
+
+  caller process                                              worker (loky / fork / thread / dask)
+  ──────────────────────────────────────────────              ─────────────────────────────────────────
+  BoundParallelMethod.map                 [_descriptor]
+    └─ Runner.run                         [_runner]
+        1 options merged + validated, input materialized
+        2 route for self, decided by the backend class:
+            threading, sequential, n_jobs=1 ─► LocalHandle(token): self stays in
+                 this process, looked up in _REGISTRY (no copy, no pickle)
+            multiprocessing + fork ─────────► LocalHandle(token): _REGISTRY is
+                 filled *before* the pool forks, so workers inherit self
+                 copy-on-write; never pickled
+            loky (and any other local
+            process backend) ───────────────► FileHandle: self pickled ONCE per
+                 call into a file in /dev/shm: pickle stream + out-of-band
+                 buffers (numpy arrays), keyed by sha256 digest
+            dask ───────────────────────────► InlineHandle: the same bytes,
+                 scattered to the cluster once as a Future
+        3 items cut into chunks; each chunk pickled once (args fallback to
+          cloudpickle) and sent as one joblib task:
+            delayed(run_chunk)(handle, spec_blob, first_index, items_blob)
+        4 joblib.Parallel(batch_size=1, return_as=generator_unordered|list) ─────► 5 run_chunk:
+                                                                                    self = _REGISTRY[token]
+                                                                                      or _CACHE[digest]
+                                                                                      or mmap+unpickle (+ __parallel_init__)
+                                                                                    fn = raw function from spec
+                                                                                    for i, args in chunk:
+                                                                                      try fn(self, *fixed, *args)
+                                                                                      except -> RemoteError(i, ...)
+        6 ◄──────────────────────────────────── bytes of (first, results, mutated)  return dumps(results)
+          results placed by index; RemoteError re-raised with its own type and a
+          note naming the item; crashes/timeouts mapped to our errors [_runner]
+
+Why a file and not the task arguments for loky: loky re-pickles every task's
+arguments, so a 50 MB ``self`` inside the task would travel once per chunk.
+A path + digest travels instead; each worker unpickles at most once per
+distinct state (the LRU ``_CACHE``), and numpy buffers are mapped, not copied.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import mmap
+import os
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from ._serialize import dumps_value, loads_value
+
+__all__ = ["run_chunk", "LocalHandle", "FileHandle", "InlineHandle", "RemoteError", "CACHE_SIZE"]
+
+#: How many distinct ``self`` states a worker keeps unpickled (LRU).
+CACHE_SIZE = 4
+
+# token -> subject, for routes where workers share (threads) or inherit (fork)
+# the caller's memory. Filled by the runner before the pool starts.
+_REGISTRY: dict[str, Any] = {}
+_CACHE: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class LocalHandle:
+    """``self`` lives in this process (threads) or was inherited by fork."""
+
+    token: str
+
+
+@dataclass(frozen=True)
+class FileHandle:
+    """``self`` pickled once into ``path``: stream then buffers, back to back."""
+
+    path: str
+    digest: str
+    main_len: int
+    buffer_lens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class InlineHandle:
+    """``self`` as bytes inside the task (dask: the bytes arrive as a scattered Future)."""
+
+    digest: str
+    blob: Any  # bytes (pickle stream, buffers in-band)
+
+
+@dataclass
+class RemoteError:
+    """An exception raised by the method on item ``index``, as it travels back.
+
+    ``exc`` is the exception itself when it survives a pickle round trip,
+    else None and the caller builds a ParallelMethodsError from the text.
+    """
+
+    index: int
+    exc: BaseException | None
+    type_name: str
+    message: str
+    traceback_text: str
+
+
+def register_local(token: str, subject: Any) -> None:
+    _REGISTRY[token] = subject
+
+
+def unregister_local(token: str) -> None:
+    _REGISTRY.pop(token, None)
+
+
+def cache_info() -> dict[str, Any]:
+    """What this process holds in its state cache (for tests and explain)."""
+    with _CACHE_LOCK:
+        return {"size": len(_CACHE), "max": CACHE_SIZE, "digests": list(_CACHE)}
+
+
+def _load_file(handle: FileHandle) -> Any:
+    with open(handle.path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        # Why mmap: buffers handed to pickle.loads stay views on the mapped
+        # file, so a 200 MB array is shared by every worker, not copied.
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
+    view = memoryview(mm) if mm is not None else memoryview(b"")
+    buffers = []
+    offset = handle.main_len
+    for n in handle.buffer_lens:
+        buffers.append(view[offset : offset + n])
+        offset += n
+    return loads_value(view[: handle.main_len], buffers=buffers)
+
+
+def _after_load(subject: Any) -> Any:
+    hook = getattr(type(subject), "__parallel_init__", None)
+    if hook is not None and not isinstance(subject, type):
+        hook(subject)
+    return subject
+
+
+def _subject_of(handle: Any) -> Any:
+    if isinstance(handle, LocalHandle):
+        try:
+            return _REGISTRY[handle.token]
+        except KeyError:
+            msg = (
+                "parallelmethods internal error: this worker did not inherit the object "
+                "(a fork-route handle reached a process that was not forked from the caller)"
+            )
+            raise RuntimeError(msg) from None
+    digest = handle.digest
+    with _CACHE_LOCK:
+        if digest in _CACHE:
+            _CACHE.move_to_end(digest)
+            return _CACHE[digest]
+    if isinstance(handle, FileHandle):
+        subject = _load_file(handle)
+    else:
+        subject = loads_value(handle.blob)
+    subject = _after_load(subject)
+    with _CACHE_LOCK:
+        _CACHE[digest] = subject
+        _CACHE.move_to_end(digest)
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return subject
+
+
+def unwrap_target(attr: Any) -> Any:
+    """The plain function behind a ParallelFunction / classmethod / staticmethod."""
+    from ._descriptor import ParallelFunction
+
+    while True:
+        if isinstance(attr, ParallelFunction):
+            attr = attr._target
+        elif isinstance(attr, (classmethod, staticmethod)):
+            attr = attr.__func__
+        else:
+            return attr
+
+
+def resolve_call(subject: Any, kind: str, name: str, mro_index: int) -> tuple[Any, tuple[Any, ...]]:
+    """(function, leading args) for ``subject``; looked up in the class dict, not via getattr,
+    so no bound view is built and a subclass override is the one that runs."""
+    if kind == "function":
+        return unwrap_target(subject), ()
+    if kind == "method":
+        cls = type(subject).__mro__[mro_index]
+        return unwrap_target(cls.__dict__[name]), (subject,)
+    cls = subject.__mro__[mro_index]
+    fn = unwrap_target(cls.__dict__[name])
+    return fn, ((subject,) if kind == "classmethod" else ())
+
+
+def _state_digest(subject: Any) -> str:
+    try:
+        return hashlib.sha256(dumps_value(subject)).hexdigest()
+    except Exception:  # noqa: BLE001 - unpicklable now: cannot tell, say unchanged
+        return ""
+
+
+def _capture(index: int, exc: BaseException) -> RemoteError:
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    kept: BaseException | None = exc
+    try:
+        # Round trip now: an exception whose __init__ pickle cannot call must
+        # not explode later in the caller's result thread (joblib/loky#...
+        # "MyExceptionWithFinickyInit").
+        loads_value(dumps_value(exc))
+    except Exception:  # noqa: BLE001
+        kept = None
+    exc.__traceback__ = None
+    return RemoteError(index, kept, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb_text)
+
+
+def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool) -> Any:
+    """Run one chunk of items; the only function any worker executes.
+
+    ``spec`` = (kind, name, mro_index, fixed_args, fixed_kwargs, on_error,
+    check_mutations); on process routes it and ``items`` arrive as bytes and
+    the result leaves as bytes, so pickling errors are ours to name.
+    Returns ``(first, results, mutated)`` where a failed item's result is a
+    :class:`RemoteError`.
+    """
+    if serialized:
+        spec = loads_value(spec)
+        items = loads_value(items)
+    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations = spec
+    subject = _subject_of(handle)
+    fn, lead = resolve_call(subject, kind, name, mro_index)
+    if fixed_args or lead:
+        lead = (*lead, *fixed_args)
+    before = _state_digest(subject) if check_mutations else ""
+    results: list[Any] = []
+    append = results.append
+    index = first
+    for args in items:
+        try:
+            append(fn(*lead, *args, **fixed_kwargs) if fixed_kwargs else fn(*lead, *args))
+        except Exception as exc:  # noqa: BLE001 - every method error travels back
+            append(_capture(index, exc))
+            if on_error == "raise":
+                break
+        index += 1
+    mutated = bool(check_mutations) and _state_digest(subject) != before
+    out = (first, results, mutated)
+    if not serialized:
+        return out
+    try:
+        return dumps_value(out)
+    except Exception:  # noqa: BLE001 - find which result cannot travel
+        return dumps_value((first, [_result_or_error(first + i, r) for i, r in enumerate(results)], mutated))
+
+
+def _result_or_error(index: int, result: Any) -> Any:
+    try:
+        dumps_value(result)
+    except Exception as exc:  # noqa: BLE001
+        err = TypeError(
+            f"the result of item {index} ({type(result).__module__}.{type(result).__qualname__}) "
+            f"cannot be pickled to send it back, even with cloudpickle: {exc}. "
+            "Return plain data, or use backend='threading'."
+        )
+        return _capture(index, err)
+    return result

@@ -1,0 +1,93 @@
+"""joblib's multiprocessing backend, plus a watchdog for dead workers.
+
+Why: ``multiprocessing.Pool`` silently replaces a worker that died
+(``os._exit``, SIGKILL, OOM) and the task it held never completes, so
+``joblib.Parallel(backend="multiprocessing")`` waits forever. This subclass
+(joblib's documented extension point, a ``ParallelBackendBase``) watches the
+pool's processes; when one ends, every pending task's callback is called with
+:class:`WorkerDied`, which joblib reports as the task's error, aborting the
+call and terminating the pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from joblib._parallel_backends import MultiprocessingBackend
+
+__all__ = ["WatchedMultiprocessingBackend", "WorkerDied"]
+
+POLL_SECONDS = 0.05
+
+
+class WorkerDied(RuntimeError):
+    """A pool worker process ended while tasks were pending."""
+
+    def __init__(self, exitcodes: tuple[int, ...]) -> None:
+        super().__init__(f"a multiprocessing pool worker died (exit codes {exitcodes})")
+        self.exitcodes = exitcodes
+
+    def __reduce__(self) -> Any:
+        return (WorkerDied, (self.exitcodes,))
+
+
+class _Died:
+    def __init__(self, exitcodes: tuple[int, ...]) -> None:
+        self.exitcodes = exitcodes
+
+
+class WatchedMultiprocessingBackend(MultiprocessingBackend):
+    """``MultiprocessingBackend`` that fails fast instead of hanging on a dead worker."""
+
+    def configure(self, *args: Any, **kwargs: Any) -> int:
+        n_jobs = super().configure(*args, **kwargs)
+        self._pending: dict[int, Any] = {}
+        self._pending_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, args=(self._pool, self._stop), name="parallelmethods-mp-watchdog", daemon=True)
+        self._watchdog.start()
+        return n_jobs  # type: ignore[no-any-return]
+
+    def submit(self, func: Any, callback: Any = None) -> Any:
+        key = id(func)
+
+        def done(out: Any) -> None:
+            with self._pending_lock:
+                cb = self._pending.pop(key, None)
+            if cb is not None:
+                cb(out)
+
+        with self._pending_lock:
+            self._pending[key] = callback
+        return super().submit(func, callback=done)
+
+    def retrieve_result_callback(self, result: Any) -> Any:
+        if isinstance(result, _Died):
+            raise WorkerDied(result.exitcodes)
+        return super().retrieve_result_callback(result)
+
+    def _watch(self, pool: Any, stop: threading.Event) -> None:
+        seen: list[Any] = []
+        while not stop.wait(POLL_SECONDS):
+            # pool._pool is multiprocessing.Pool's list of worker processes; the
+            # pool's own maintenance thread removes dead ones, so we keep every
+            # one we have seen and read its exit code ourselves.
+            for proc in list(getattr(pool, "_pool", ())):
+                if proc not in seen:
+                    seen.append(proc)
+            dead = tuple(p.exitcode for p in seen if p.exitcode is not None)
+            if dead and not stop.is_set():
+                with self._pending_lock:
+                    callbacks = list(self._pending.values())
+                    self._pending.clear()
+                for cb in callbacks:
+                    if cb is not None:
+                        cb(_Died(dead))
+                return
+
+    def terminate(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()  # before the pool's own SIGTERMs, which are not crashes
+        super().terminate()

@@ -1,0 +1,571 @@
+"""Parent side of a map: choose the route for ``self``, cut chunks, drive joblib.
+
+See the data-flow diagram at the top of ``_dispatch.py``. This module owns
+steps 1-4 and 6: options, route, chunks, ``joblib.Parallel``, results and the
+mapping of pool failures (dead workers, timeouts) to our errors, including
+re-running items that were lost with a dead pool (``on_error="return"``,
+``retries=``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+import joblib
+from joblib import Parallel, delayed
+from joblib._parallel_backends import (
+    LokyBackend,
+    MultiprocessingBackend,
+    SequentialBackend,
+    ThreadingBackend,
+)
+from joblib.parallel import get_active_backend
+
+from . import _dispatch
+from ._compat import add_note
+from ._dispatch import FileHandle, InlineHandle, LocalHandle, RemoteError, run_chunk
+from ._mpwatch import WatchedMultiprocessingBackend, WorkerDied
+from ._options import DEFAULTS, Options
+from ._serialize import Payload, dumps_state, dumps_value, loads_value, serialization_error
+from .errors import ParallelMethodsError, SerializationError, WorkerCrashedError
+
+if TYPE_CHECKING:
+    from ._descriptor import BoundParallelMethod
+
+__all__ = ["run_map", "run_imap", "Plan", "plan_for"]
+
+#: imap keeps at most this many chunks per worker in flight or buffered.
+READAHEAD_PER_WORKER = 2
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback, as text; set as ``__cause__`` of re-raised errors."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+# ----------------------------------------------------------------------------
+# Plan: everything decided before any work starts.
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """What a call will do: backend, worker count, route for ``self``."""
+
+    opts: Options
+    backend: Any
+    backend_name: str
+    n_jobs: int
+    effective_n_jobs: int
+    route: str  # "reference" | "fork" | "file" | "cluster"
+    subject: Any
+    kind: str
+    name: str
+    mro_index: int
+    label: str
+    exclude: tuple[str, ...]
+    spec: tuple[Any, ...] = field(default=())
+
+
+def _backend_name(backend: Any) -> str:
+    from joblib.parallel import BACKENDS
+
+    for name, cls in BACKENDS.items():
+        if type(backend) is cls:
+            return name
+    if isinstance(backend, MultiprocessingBackend):
+        return "multiprocessing"
+    return type(backend).__name__
+
+
+def _active_backend(backend_opt: str | None) -> tuple[Any, int | None]:
+    if backend_opt is None:
+        return get_active_backend()
+    if backend_opt == "dask":
+        _require_dask_client()
+    with joblib.parallel_config(backend=backend_opt):
+        return get_active_backend()
+
+
+def _require_dask_client() -> None:
+    try:
+        from distributed import get_client
+    except ImportError:
+        msg = (
+            "backend='dask' needs dask.distributed: pip install 'parallelmethods[dask]', "
+            "then start a client: from dask.distributed import Client; client = Client()"
+        )
+        raise ImportError(msg) from None
+    try:
+        get_client()
+    except ValueError:
+        msg = (
+            "backend='dask' runs on the active dask.distributed Client, and there is none. "
+            "Start one first: `from dask.distributed import Client; client = Client()` for "
+            "a local cluster, or Client('tcp://scheduler:8786') for an existing one."
+        )
+        raise ValueError(msg) from None
+
+
+def _find_owner(bound: BoundParallelMethod[Any, Any]) -> tuple[str, int, type | None]:
+    """(attribute name, index in the MRO of the class that holds this descriptor, that class)."""
+    func = bound._func
+    if bound._kind == "function":
+        return func.__name__, 0, None
+    mro = type(bound._subject).__mro__ if bound._kind == "method" else bound._subject.__mro__
+    name = func._name or func.__name__
+    for i, klass in enumerate(mro):
+        if klass.__dict__.get(name) is func:
+            return name, i, klass
+    for i, klass in enumerate(mro):  # aliased: the same descriptor under another name
+        for attr, value in klass.__dict__.items():
+            if value is func:
+                return attr, i, klass
+    msg = f"cannot find {func.__qualname__} in the class of {bound._subject!r}"
+    raise TypeError(msg)
+
+
+def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options) -> Plan:
+    """Decide backend, n_jobs and route; raises on bad input before any work."""
+    opts = DEFAULTS.merge(layer)
+    backend, config_n_jobs = _active_backend(opts.backend)  # type: ignore[arg-type]
+    n_jobs = opts.n_jobs if opts.n_jobs is not None else (config_n_jobs if config_n_jobs is not None else -1)
+    if isinstance(backend, MultiprocessingBackend) and not isinstance(backend, WatchedMultiprocessingBackend):
+        # joblib's pool waits forever on a task whose worker died; ours watches.
+        backend = WatchedMultiprocessingBackend(nesting_level=backend.nesting_level, **backend.backend_kwargs)
+    effective = backend.effective_n_jobs(n_jobs)
+    backend_name = _backend_name(backend)
+
+    if isinstance(backend, (ThreadingBackend, SequentialBackend)) or effective == 1:
+        route = "reference"  # same process: share self, never copy it
+    elif isinstance(backend, MultiprocessingBackend) and multiprocessing.get_start_method() == "fork":
+        route = "fork"  # workers are forked after we register self: inherited
+    elif backend_name == "dask" or type(backend).__name__ == "DaskDistributedBackend":
+        route = "cluster"
+    else:
+        route = "file"  # loky's reusable workers: ship once, cache by digest
+
+    if opts.timeout is not None and route == "reference" and not isinstance(backend, ThreadingBackend):
+        msg = (
+            f"timeout={opts.timeout} cannot be enforced: with backend={backend_name!r} and "
+            f"{effective} worker the work runs in your own process and cannot be stopped. "
+            "Use n_jobs >= 2 with a process backend, or backend='threading'."
+        )
+        raise ValueError(msg)
+
+    name, mro_index, holder = _find_owner(bound)
+    kind = bound._kind
+    subject = bound._subject
+    if kind == "method":
+        label = f"{type(subject).__qualname__}.{name}"
+        exclude = tuple(getattr(type(subject), "__parallel_exclude__", ()))
+    elif kind == "function":
+        label, exclude = bound._func.__qualname__, ()
+    else:
+        label, exclude = f"{subject.__qualname__}.{name}", ()
+    plan = Plan(opts, backend, backend_name, n_jobs, effective, route, subject, kind, name, mro_index, label, exclude)
+    plan.spec = (kind, name, mro_index, bound._args, bound._kwargs, opts.on_error, opts.check_mutations)
+    return plan
+
+
+# ----------------------------------------------------------------------------
+# Shipping self.
+# ----------------------------------------------------------------------------
+
+
+def _shm_dir() -> str:
+    for candidate in ("/dev/shm", tempfile.gettempdir()):
+        if os.path.isdir(candidate) and os.access(candidate, os.W_OK):
+            return candidate
+    return tempfile.gettempdir()
+
+
+FILE_PREFIX = "parallelmethods-"
+
+
+@contextlib.contextmanager
+def shipped(plan: Plan) -> Iterator[Any]:
+    """Yield the handle workers use to find ``self``; clean up afterwards."""
+    if plan.route in ("reference", "fork"):
+        token = uuid.uuid4().hex
+        _dispatch.register_local(token, plan.subject)
+        try:
+            yield LocalHandle(token)
+        finally:
+            _dispatch.unregister_local(token)
+        return
+    payload = serialize_subject(plan)
+    if plan.route == "cluster":
+        from ._dask import scatter_payload
+
+        with scatter_payload(payload) as handle:
+            yield handle
+        return
+    fd, path = tempfile.mkstemp(prefix=FILE_PREFIX, suffix=".pkl", dir=_shm_dir())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload.main)
+            for buf in payload.buffers:
+                f.write(buf)
+        yield FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers))
+    finally:
+        # Workers that mapped the file keep their mapping; the name goes now.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def serialize_subject(plan: Plan) -> Payload:
+    owner_name = type(plan.subject).__qualname__ if plan.kind == "method" else plan.label
+    return dumps_state(plan.subject, exclude=plan.exclude, what="self", owner_name=owner_name)
+
+
+def _spec_payload(plan: Plan, serialized: bool) -> Any:
+    if not serialized:
+        return plan.spec
+    try:
+        return dumps_value(plan.spec)
+    except Exception as e:  # noqa: BLE001
+        raise serialization_error(plan.spec[3:5], e, what="the arguments fixed with .partial()") from e
+
+
+def _items_payload(first: int, items: list[tuple[Any, ...]], serialized: bool) -> Any:
+    if not serialized:
+        return items
+    try:
+        return dumps_value(items)
+    except Exception as e:  # noqa: BLE001 - name the item and argument
+        for offset, args in enumerate(items):
+            for j, arg in enumerate(args):
+                try:
+                    dumps_value(arg)
+                except Exception as inner:  # noqa: BLE001
+                    raise serialization_error(arg, inner, what=f"argument {j} of item {first + offset}") from e
+        raise
+
+
+# ----------------------------------------------------------------------------
+# Running: one joblib call over a list of (first, items) chunks.
+# ----------------------------------------------------------------------------
+
+
+class _PoolFailure(Exception):
+    """The pool itself failed (dead worker, timeout); ``error`` is what to raise."""
+
+    def __init__(self, error: BaseException, dispatched: set[int], completed: set[int]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.dispatched = dispatched
+        self.completed = completed
+
+
+def _exit_codes(err: BaseException) -> tuple[int, ...]:
+    import re
+
+    codes = getattr(err, "exitcodes", None)
+    if codes:
+        return tuple(codes)
+    return tuple(int(c) for c in re.findall(r"\((-?\d+)\)", str(err)))
+
+
+def _describe_items(items: list[int]) -> str:
+    items = sorted(items)
+    if not items:
+        return "none"
+    shown = ", ".join(map(str, items[:10]))
+    return shown + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+
+
+def _map_pool_error(plan: Plan, err: BaseException, in_flight: list[int]) -> BaseException:
+    from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
+
+    if isinstance(err, (TerminatedWorkerError, BrokenProcessPool, WorkerDied)):
+        codes = _exit_codes(err)
+        how = ", ".join(_signal_name(c) for c in codes) if codes else "unknown exit status"
+        msg = (
+            f"a worker process died while running {plan.label} ({how}). Likely causes: "
+            "os._exit() or sys.exit() in the method, a segfault in native code, or the OOM killer. "
+            f"Items in flight: {_describe_items(in_flight)}. The pool was restarted; the next map works. "
+            "Use on_error='return' or retries=N to keep the other results."
+        )
+        return WorkerCrashedError(msg, method=plan.label, exitcodes=codes, items=tuple(sorted(in_flight)))
+    if isinstance(err, TimeoutError):
+        msg = (
+            f"{plan.label} took longer than timeout={plan.opts.timeout}s on an item "
+            f"(in flight: {_describe_items(in_flight)}). "
+            + ("Process workers were stopped and replaced." if plan.route != "reference" else "The thread cannot be stopped and finishes in the background.")
+        )
+        return TimeoutError(msg)
+    return err
+
+
+def _signal_name(code: int) -> str:
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"exit code {code}"
+    return f"exit code {code}"
+
+
+class _Executor:
+    """Runs chunks through joblib; yields decoded chunk results as they complete."""
+
+    def __init__(self, plan: Plan, handle: Any) -> None:
+        self.plan = plan
+        self.handle = handle
+        self.serialized = plan.route != "reference"
+        self.spec = _spec_payload(plan, self.serialized)
+
+    def run(self, chunks: list[tuple[int, list[tuple[Any, ...]]]], timeout: float | None) -> Iterator[tuple[int, list[Any], bool]]:
+        plan = self.plan
+        dispatched: set[int] = set()
+        completed: set[int] = set()
+        sizes = {first: len(items) for first, items in chunks}
+
+        def tasks() -> Iterator[Any]:
+            for first, items in chunks:
+                payload = _items_payload(first, items, self.serialized)
+                dispatched.add(first)
+                yield delayed(run_chunk)(self.handle, self.spec, first, payload, self.serialized)
+
+        return_as = "generator_unordered" if plan.backend.supports_return_generator else "list"
+        parallel = Parallel(n_jobs=plan.n_jobs, backend=plan.backend, batch_size=1, timeout=timeout, return_as=return_as)
+        try:
+            for out in parallel(tasks()):
+                decoded = self._decode(out, sizes)
+                completed.add(decoded[0])
+                yield decoded
+        except SerializationError:
+            raise
+        except ParallelMethodsError:
+            raise
+        except (TimeoutError, WorkerDied) as e:
+            raise _PoolFailure(e, dispatched, completed) from e
+        except Exception as e:
+            from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
+
+            if isinstance(e, (TerminatedWorkerError, BrokenProcessPool)):
+                raise _PoolFailure(e, dispatched, completed) from e
+            raise
+
+    def _decode(self, out: Any, sizes: dict[int, int]) -> tuple[int, list[Any], bool]:
+        if not self.serialized:
+            return out  # type: ignore[no-any-return]
+        try:
+            return loads_value(out)  # type: ignore[no-any-return]
+        except Exception as e:  # noqa: BLE001
+            msg = (
+                f"the results of {self.plan.label} could not be rebuilt in the caller "
+                f"({type(e).__name__}: {e}); a returned object's class may fail to unpickle here. "
+                "Return plain data, or use backend='threading'."
+            )
+            raise ParallelMethodsError(msg) from e
+
+
+# ----------------------------------------------------------------------------
+# Public entry points.
+# ----------------------------------------------------------------------------
+
+
+def _auto_chunk(plan: Plan, n_items: int) -> int:
+    opts = plan.opts
+    if isinstance(opts.batch_size, int):
+        return opts.batch_size
+    if opts.timeout is not None:
+        return 1  # the timeout is per item: one item per task
+    if plan.route == "reference" and plan.effective_n_jobs == 1:
+        return max(1, n_items)
+    # As multiprocessing.Pool.map: about 4 chunks per worker.
+    return max(1, math.ceil(n_items / (4 * max(1, plan.effective_n_jobs))))
+
+
+def _chunks(start: int, items: list[tuple[Any, ...]], size: int) -> list[tuple[int, list[tuple[Any, ...]]]]:
+    return [(start + i, items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _rebuild_error(plan: Plan, err: RemoteError) -> BaseException:
+    if err.exc is not None:
+        exc = err.exc
+        if exc.__cause__ is None and err.traceback_text and exc.__traceback__ is None:
+            exc.__cause__ = _RemoteTraceback(err.traceback_text)
+    else:
+        msg = (
+            f"{plan.label} raised {err.type_name} on item {err.index}: {err.message}\n"
+            "(the exception itself could not be sent back to the caller: it does not survive "
+            "pickling; its traceback is in .traceback_text)"
+        )
+        exc = ParallelMethodsError(msg, type_name=err.type_name, traceback_text=err.traceback_text)
+        exc.__cause__ = _RemoteTraceback(err.traceback_text)
+    add_note(exc, f"parallelmethods: raised by {plan.label} on item {err.index}")
+    return exc
+
+
+class _Collector:
+    """Turns completed chunks into (index, value) pairs; handles errors, progress, mutations."""
+
+    def __init__(self, plan: Plan, total: int | None) -> None:
+        self.plan = plan
+        self.mutated = False
+        from ._progress import make_bar
+
+        self.bar = make_bar(plan, total)
+
+    def accept(self, first: int, results: list[Any], mutated: bool) -> list[tuple[int, Any]]:
+        out = []
+        for offset, value in enumerate(results):
+            if isinstance(value, RemoteError):
+                exc = _rebuild_error(self.plan, value)
+                if self.plan.opts.on_error == "raise":
+                    raise exc
+                value = exc
+            out.append((first + offset, value))
+        if mutated and not self.mutated and self.plan.route != "reference":
+            self.mutated = True
+            warnings.warn(
+                f"{self.plan.label} changed self in a worker process; that change is lost "
+                "(workers have copies). Return the new values instead, or use backend='threading'.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        if self.bar is not None:
+            self.bar.update(len(results))
+        return out
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_items(plan: Plan, executor: _Executor, collector: _Collector, start: int, items: list[tuple[Any, ...]], chunk_size: int) -> Iterator[tuple[int, Any]]:
+    """Run ``items`` (indices start..); recover from pool failures as the options say."""
+    timeout = plan.opts.timeout
+    pending: dict[int, tuple[Any, ...]] = {start + i: args for i, args in enumerate(items)}
+    attempts: dict[int, int] = {}
+    recover = plan.opts.on_error == "return" or plan.opts.retries > 0
+    chunks = _chunks(start, items, chunk_size)
+    suspects: list[int] = []
+    while chunks or suspects:
+        if suspects:
+            # Isolation: each item that was running when the pool died runs
+            # alone, so a second failure is known to be its own.
+            index = suspects.pop(0)
+            run_chunks = [(index, [pending[index]])]
+        else:
+            run_chunks, chunks = chunks, []
+        sizes = {first: len(c) for first, c in run_chunks}
+        try:
+            for first, results, mutated in executor.run(run_chunks, timeout):
+                for index, value in collector.accept(first, results, mutated):
+                    pending.pop(index, None)
+                    yield index, value
+        except _PoolFailure as failure:
+            lost = [i for first in failure.dispatched - failure.completed for i in range(first, first + sizes[first]) if i in pending]
+            error = _map_pool_error(plan, failure.error, lost)
+            if not recover:
+                raise error from failure.error
+            isolated = len(run_chunks) == 1 and sizes[run_chunks[0][0]] == 1
+            if isolated:
+                index = run_chunks[0][0]
+                attempts[index] = attempts.get(index, 0) + 1
+                if attempts[index] > plan.opts.retries:
+                    if plan.opts.on_error == "raise":
+                        raise error from failure.error
+                    error.__cause__ = failure.error
+                    add_note(error, f"parallelmethods: raised by {plan.label} on item {index}")
+                    pending.pop(index)
+                    if collector.bar is not None:
+                        collector.bar.update(1)
+                    yield index, error
+                else:
+                    suspects.insert(0, index)
+            else:
+                # Everything not finished is re-run: the dispatched ones alone
+                # (one may be the culprit), the rest in ordinary chunks again.
+                suspects.extend(lost)
+            never_sent = [i for first, c in run_chunks if first not in failure.dispatched for i in range(first, first + len(c)) if i in pending]
+            chunks = [(i, [pending[i]]) for i in never_sent] if never_sent else []
+
+
+def run_map(bound: BoundParallelMethod[Any, Any], layer: Options, items_iter: Iterator[tuple[Any, ...]]) -> list[Any]:
+    """``map``/``starmap``: materialize the input, run, return results in order."""
+    plan = plan_for(bound, layer)
+    items = list(items_iter)
+    if not items:
+        return []
+    results: list[Any] = [None] * len(items)
+    collector = _Collector(plan, len(items))
+    try:
+        with shipped(plan) as handle:
+            executor = _Executor(plan, handle)
+            for index, value in _run_items(plan, executor, collector, 0, items, _auto_chunk(plan, len(items))):
+                results[index] = value
+    finally:
+        collector.close()
+    return results
+
+
+def run_imap(bound: BoundParallelMethod[Any, Any], layer: Options, items_iter: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
+    """``imap``: plan now (errors at the call), run lazily in bounded windows."""
+    plan = plan_for(bound, layer)
+    return _imap(plan, items_iter)
+
+
+def _imap(plan: Plan, items_iter: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
+    window_chunks = READAHEAD_PER_WORKER * max(1, plan.effective_n_jobs)
+    chunk_size = plan.opts.batch_size if isinstance(plan.opts.batch_size, int) else 1
+    collector = _Collector(plan, None)
+    try:
+        with shipped(plan) as handle:
+            executor = _Executor(plan, handle)
+            start = 0
+            while True:
+                window = [args for _, args in zip(range(window_chunks * chunk_size), items_iter)]
+                if not window:
+                    return
+                t0 = time.perf_counter()
+                if plan.opts.ordered:
+                    buffered: dict[int, Any] = {}
+                    next_index = start
+                    for index, value in _run_items(plan, executor, collector, start, window, chunk_size):
+                        buffered[index] = value
+                        while next_index in buffered:
+                            yield buffered.pop(next_index)
+                            next_index += 1
+                else:
+                    for _, value in _run_items(plan, executor, collector, start, window, chunk_size):
+                        yield value
+                start += len(window)
+                chunk_size = _grow_chunk(plan, chunk_size, time.perf_counter() - t0, window_chunks)
+    finally:
+        collector.close()
+
+
+def _grow_chunk(plan: Plan, chunk_size: int, elapsed: float, window_chunks: int) -> int:
+    """imap's auto batching: grow chunks while a window is cheap (< 0.2 s)."""
+    if isinstance(plan.opts.batch_size, int) or plan.opts.timeout is not None:
+        return chunk_size
+    if elapsed < 0.2 and chunk_size < 4096:
+        return chunk_size * 2
+    if elapsed > 2.0 and chunk_size > 1:
+        return chunk_size // 2
+    return chunk_size
+
+

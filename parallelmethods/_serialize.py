@@ -1,0 +1,289 @@
+"""Turning ``self`` and arguments into bytes, once, and back.
+
+``dumps_state(obj)`` -> :class:`Payload` (main pickle stream + out-of-band
+buffers + a content digest). The rules, in order:
+
+1. stdlib :mod:`pickle` (protocol 5), through a pickler that refuses anything
+   a worker could not import by reference: classes and functions from
+   ``__main__`` or defined in a function body (``<locals>``), lambdas. Why:
+   ``pickle`` happily writes ``__main__.Model`` by name, and a loky worker,
+   whose ``__main__`` is not your script, then fails to find it.
+2. :mod:`cloudpickle` when (1) refuses or fails: it pickles those by value
+   (the same choice cloudpickle's ``_should_pickle_by_reference`` makes).
+3. Neither works: :class:`~parallelmethods.SerializationError`, naming the
+   first attribute path that cannot be pickled, and the fix.
+
+Attributes named in the class's ``exclude=`` list are dropped from the root
+object's state by ``reducer_override`` (the user's class is never given a
+``__getstate__``); ``__parallel_init__`` rebuilds them in the worker.
+
+Large buffers (numpy arrays, ``PickleBuffer``) travel out of band (PEP 574):
+they are not copied into the pickle stream, and the worker maps them
+read-only from the payload file instead of copying them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import cloudpickle
+
+from .errors import SerializationError
+
+__all__ = ["Payload", "dumps_state", "dumps_value", "loads_value", "find_unpicklable", "describe_path_fix"]
+
+PROTOCOL = 5
+
+
+class _NeedsCloudpickle(Exception):
+    """Raised inside the stdlib pickler to switch to cloudpickle."""
+
+
+def _by_reference_impossible(obj: Any) -> str | None:
+    """Why ``obj`` (a class or function) cannot be pickled by name, or None."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", "") or ""
+    if module == "__main__":
+        return f"{qualname} is defined in __main__, which workers cannot import"
+    if "<locals>" in qualname:
+        return f"{qualname} is defined inside a function"
+    if qualname == "<lambda>" or qualname.endswith(".<lambda>"):
+        return "a lambda has no importable name"
+    return None
+
+
+class _Pickler(pickle.Pickler):
+    """stdlib pickler that gives up on what only cloudpickle can carry,
+    and drops the root's excluded attributes."""
+
+    def __init__(self, file: io.BytesIO, root: Any, exclude: tuple[str, ...], buffer_callback: Any) -> None:
+        super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+        self._root = root
+        self._exclude = exclude
+        self.refusal: str | None = None
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Called for every object except exact int/float/str/bytes/dict/list/
+        # tuple/set instances, so plain data pays nothing for this check.
+        if isinstance(obj, (type, types.FunctionType)):
+            why = _by_reference_impossible(obj)
+            if why is not None:
+                self.refusal = why
+                raise _NeedsCloudpickle(why)
+            return NotImplemented
+        if self._exclude and obj is self._root:
+            return _reduce_without(obj, self._exclude)
+        return NotImplemented
+
+
+class _CloudPickler(cloudpickle.Pickler):
+    """cloudpickle, plus the same ``exclude=`` handling for the root."""
+
+    def __init__(self, file: io.BytesIO, root: Any, exclude: tuple[str, ...], buffer_callback: Any) -> None:
+        super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+        self._root = root
+        self._exclude = exclude
+
+    def reducer_override(self, obj: Any) -> Any:
+        if self._exclude and obj is self._root:
+            return _reduce_without(obj, self._exclude)
+        return super().reducer_override(obj)
+
+
+def _reduce_without(obj: Any, exclude: tuple[str, ...]) -> Any:
+    """``obj.__reduce_ex__`` with the excluded attributes removed from the state.
+
+    Handles the three state shapes ``object.__reduce_ex__`` produces: a
+    ``__dict__`` copy, ``(dict, slots_dict)`` for ``__slots__`` classes, or None.
+    """
+    rv = obj.__reduce_ex__(PROTOCOL)
+    if not isinstance(rv, tuple) or len(rv) < 3:
+        return rv
+    state = rv[2]
+    if isinstance(state, dict):
+        state = {k: v for k, v in state.items() if k not in exclude}
+    elif isinstance(state, tuple) and len(state) == 2:
+        d, slots = state
+        d = {k: v for k, v in (d or {}).items() if k not in exclude} or None
+        slots = {k: v for k, v in (slots or {}).items() if k not in exclude} or None
+        state = (d, slots)
+    return (*rv[:2], state, *rv[3:])
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One serialized object: pickle stream, out-of-band buffers, digest.
+
+    ``via`` is ``"pickle"`` or ``"cloudpickle"``; ``why`` says why cloudpickle
+    was needed (empty for pickle).
+    """
+
+    main: bytes
+    buffers: tuple[memoryview, ...]
+    digest: str
+    via: str
+    why: str = ""
+    nbytes: int = field(default=0)
+
+
+def _digest(main: bytes, buffers: list[memoryview]) -> str:
+    h = hashlib.sha256(main)
+    for buf in buffers:
+        h.update(len(buf).to_bytes(8, "little"))
+        h.update(buf)
+    return h.hexdigest()[:32]
+
+
+def _dump_with(pickler_cls: Callable[..., pickle.Pickler], obj: Any, exclude: tuple[str, ...]) -> tuple[bytes, list[memoryview]]:
+    buffers: list[memoryview] = []
+
+    def keep(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        # Small buffers cost more out of band than in the stream.
+        if raw.nbytes < 1 << 16:
+            return True
+        buffers.append(raw)
+        return False
+
+    out = io.BytesIO()
+    pickler_cls(out, obj, exclude, keep).dump(obj)
+    return out.getvalue(), buffers
+
+
+def dumps_state(obj: Any, *, exclude: tuple[str, ...] = (), what: str = "self", owner_name: str = "") -> Payload:
+    """Serialize ``obj`` once: pickle, else cloudpickle, else SerializationError."""
+    why = ""
+    try:
+        main, buffers = _dump_with(_Pickler, obj, exclude)
+        return Payload(main, tuple(buffers), _digest(main, buffers), "pickle", "", len(main) + sum(b.nbytes for b in buffers))
+    except _NeedsCloudpickle as e:
+        why = str(e)
+    except RecursionError as e:  # as cloudpickle's Pickler.dump does
+        why = f"pickle hit the recursion limit ({e})"
+    except Exception as e:  # noqa: BLE001 - any pickling failure falls through to cloudpickle
+        why = f"pickle failed: {type(e).__name__}: {e}"
+    try:
+        main, buffers = _dump_with(_CloudPickler, obj, exclude)
+    except Exception as e:  # noqa: BLE001
+        raise serialization_error(obj, e, what=what, exclude=exclude, owner_name=owner_name) from e
+    return Payload(main, tuple(buffers), _digest(main, buffers), "cloudpickle", why, len(main) + sum(b.nbytes for b in buffers))
+
+
+def dumps_value(value: Any) -> bytes:
+    """Pickle a value (arguments, results), falling back to cloudpickle. May raise."""
+    try:
+        out = io.BytesIO()
+        _Pickler(out, None, (), None).dump(value)
+        return out.getvalue()
+    except Exception:  # noqa: BLE001 - cloudpickle decides
+        return cloudpickle.dumps(value, protocol=PROTOCOL)
+
+
+def loads_value(blob: bytes | memoryview, buffers: Any = None) -> Any:
+    return pickle.loads(blob, buffers=buffers)
+
+
+# --------------------------------------------------------------------------
+# Finding *what* cannot be pickled, for the error message.
+# --------------------------------------------------------------------------
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        cloudpickle.dumps(value, protocol=PROTOCOL)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _children(value: Any) -> Iterator[tuple[str, Any]]:
+    """(path suffix, child) pairs, the way pickle would reach them."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield f"[{k!r}]", v
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield f"[{i}]", v
+        return
+    if isinstance(value, (set, frozenset)):
+        for v in value:
+            yield "{...}", v
+        return
+    state: Any = None
+    getstate = getattr(value, "__getstate__", None)
+    try:
+        state = getstate() if getstate is not None else getattr(value, "__dict__", None)
+    except Exception:  # noqa: BLE001
+        state = getattr(value, "__dict__", None)
+    if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+        merged: dict[str, Any] = {}
+        for part in state:
+            merged.update(part or {})
+        state = merged
+    if isinstance(state, dict):
+        for k, v in state.items():
+            yield (f".{k}" if isinstance(k, str) and k.isidentifier() else f"[{k!r}]"), v
+
+
+def find_unpicklable(value: Any, path: str, exclude: tuple[str, ...] = (), _depth: int = 0, _seen: set[int] | None = None) -> tuple[str, Any] | None:
+    """Depth-first: the deepest path under ``value`` that cannot be pickled.
+
+    Returns ``(path, obj)`` or None when every child pickles (then ``value``
+    itself is the culprit, e.g. a ``__reduce__`` that raises).
+    """
+    seen = _seen if _seen is not None else set()
+    if id(value) in seen or _depth > 50:
+        return None
+    seen.add(id(value))
+    for suffix, child in _children(value):
+        if _depth == 0 and suffix.lstrip(".") in exclude:
+            continue
+        if isinstance(child, (int, float, str, bytes, bool, type(None))):
+            continue
+        if not _picklable(child):
+            deeper = find_unpicklable(child, path + suffix, (), _depth + 1, seen)
+            return deeper if deeper is not None else (path + suffix, child)
+    return None
+
+
+def _type_name(obj: Any) -> str:
+    t = type(obj)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def describe_path_fix(path: str, *, what: str, owner_name: str) -> str:
+    if what == "self" and path.startswith("self.") and "." not in path[5:] and "[" not in path[5:]:
+        attr = path[5:]
+        return (
+            f"add {attr!r} to exclude= (class {owner_name or 'YourClass'}(ParallelMixin, "
+            f"parallel=(...), exclude=({attr!r},))) and rebuild it in __parallel_init__(), "
+            "or use backend='threading' to share the object without copying it"
+        )
+    if what == "self":
+        top = path[5:].split(".")[0].split("[")[0]
+        return (
+            f"exclude the attribute that holds it ({top!r}) with ParallelMixin's exclude= and "
+            "rebuild it in __parallel_init__(), or use backend='threading'"
+        )
+    return "pass something picklable (a path, a key, plain data) or use backend='threading'"
+
+
+def serialization_error(obj: Any, cause: BaseException, *, what: str, exclude: tuple[str, ...] = (), owner_name: str = "") -> SerializationError:
+    """Build the SerializationError for ``obj`` named ``what`` ("self", "argument 0 of item 3")."""
+    found = find_unpicklable(obj, "self" if what == "self" else what, exclude)
+    path, culprit = found if found is not None else (what, obj)
+    obj_type = _type_name(culprit)
+    subject = f"{owner_name or _type_name(obj)}" if what == "self" else what
+    fix = describe_path_fix(path, what=what, owner_name=owner_name)
+    msg = (
+        f"cannot send {subject} to worker processes: {path} ({obj_type}) is not picklable, "
+        f"even with cloudpickle ({type(cause).__name__}: {cause}). Fix: {fix}."
+    )
+    return SerializationError(msg, path=path, obj_type=obj_type, cause=cause)
+
