@@ -45,7 +45,11 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):
         self._pending: dict[int, Any] = {}
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch, args=(self._pool, self._stop), name="parallelmethods-mp-watchdog", daemon=True)
+        # Snapshot now: Pool.__init__ has started every worker, and one that
+        # dies before our first poll is reaped and replaced by the pool's own
+        # maintenance thread; we would never see it.
+        workers = list(getattr(self._pool, "_pool", ()))
+        self._watchdog = threading.Thread(target=self._watch, args=(self._pool, self._stop, workers), name="parallelmethods-mp-watchdog", daemon=True)
         self._watchdog.start()
         return n_jobs  # type: ignore[no-any-return]
 
@@ -67,8 +71,7 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):
             raise WorkerDied(result.exitcodes)
         return super().retrieve_result_callback(result)
 
-    def _watch(self, pool: Any, stop: threading.Event) -> None:
-        seen: list[Any] = []
+    def _watch(self, pool: Any, stop: threading.Event, seen: list[Any]) -> None:
         while not stop.wait(POLL_SECONDS):
             # pool._pool is multiprocessing.Pool's list of worker processes; the
             # pool's own maintenance thread removes dead ones, so we keep every

@@ -304,7 +304,7 @@ def _map_pool_error(plan: Plan, err: BaseException, in_flight: list[int]) -> Bas
             "Use on_error='return' or retries=N to keep the other results."
         )
         return WorkerCrashedError(msg, method=plan.label, exitcodes=codes, items=tuple(sorted(in_flight)))
-    if isinstance(err, TimeoutError):
+    if isinstance(err, (TimeoutError, multiprocessing.TimeoutError)):
         msg = (
             f"{plan.label} took longer than timeout={plan.opts.timeout}s on an item "
             f"(in flight: {_describe_items(in_flight)}). "
@@ -348,16 +348,17 @@ class _Executor:
 
         return_as = "generator_unordered" if plan.backend.supports_return_generator else "list"
         parallel = Parallel(n_jobs=plan.n_jobs, backend=plan.backend, batch_size=1, timeout=timeout, return_as=return_as)
+        outputs: Any = None
         try:
-            for out in parallel(tasks()):
+            # "list" (multiprocessing) raises here; generators raise while iterated.
+            outputs = parallel(tasks())
+            for out in outputs:
                 decoded = self._decode(out, sizes)
                 completed.add(decoded[0])
                 yield decoded
-        except SerializationError:
-            raise
         except ParallelMethodsError:
             raise
-        except (TimeoutError, WorkerDied) as e:
+        except (TimeoutError, multiprocessing.TimeoutError, WorkerDied) as e:
             raise _PoolFailure(e, dispatched, completed) from e
         except Exception as e:
             from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
@@ -365,6 +366,14 @@ class _Executor:
             if isinstance(e, (TerminatedWorkerError, BrokenProcessPool)):
                 raise _PoolFailure(e, dispatched, completed) from e
             raise
+        finally:
+            if hasattr(outputs, "close"):
+                # We stop early on purpose (an error, an abandoned imap):
+                # joblib's "generator was gc'ed before being consumed" warning
+                # describes our own decision, not a user mistake.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r".*(tasks which were still being processed|successfully executed  but not used)")
+                    outputs.close()
 
     def _decode(self, out: Any, sizes: dict[int, int]) -> tuple[int, list[Any], bool]:
         if not self.serialized:
