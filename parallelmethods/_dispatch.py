@@ -67,9 +67,15 @@ _CACHE_LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class LocalHandle:
-    """``self`` lives in this process (threads) or was inherited by fork."""
+    """``self`` lives in this process (threads) or was inherited by fork.
+
+    ``pid`` is the caller's: a worker with another pid holds a forked copy,
+    on which ``exclude=`` and ``__parallel_init__`` apply as on a shipped one.
+    """
 
     token: str
+    pid: int
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,10 +147,36 @@ def _after_load(subject: Any) -> Any:
     return subject
 
 
+_FORK_PREPARED: set[str] = set()
+
+
+def _prepare_fork_copy(handle: LocalHandle, subject: Any) -> Any:
+    """Once per forked worker: drop inherited excluded attributes, run __parallel_init__.
+
+    Why: a forked copy shares the parent's sockets, sqlite handles and lock
+    states; the contract says excluded attributes never reach a worker.
+    """
+    with _CACHE_LOCK:
+        if handle.token in _FORK_PREPARED:
+            return subject
+        _FORK_PREPARED.add(handle.token)
+    if not isinstance(subject, type):
+        for name in handle.exclude:
+            try:
+                object.__delattr__(subject, name)
+            except AttributeError:
+                pass
+        _after_load(subject)
+    return subject
+
+
 def _subject_of(handle: Any) -> Any:
     if isinstance(handle, LocalHandle):
         try:
-            return _REGISTRY[handle.token]
+            subject = _REGISTRY[handle.token]
+            if handle.pid != os.getpid():
+                return _prepare_fork_copy(handle, subject)
+            return subject
         except KeyError:
             msg = (
                 "parallelmethods internal error: this worker did not inherit the object "

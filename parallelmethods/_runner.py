@@ -206,7 +206,7 @@ def shipped(plan: Plan) -> Iterator[Any]:
         token = uuid.uuid4().hex
         _dispatch.register_local(token, plan.subject)
         try:
-            yield LocalHandle(token)
+            yield LocalHandle(token, os.getpid(), plan.exclude if plan.route == "fork" else ())
         finally:
             _dispatch.unregister_local(token)
         return
