@@ -85,7 +85,7 @@ def _check_defined(cls: type, names: tuple[str, ...]) -> None:
             candidates = [n for k in cls.__mro__ for n in vars(k) if not n.startswith("__")]
             close = difflib.get_close_matches(name, candidates, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            msg = f"ParallelMixin: parallel= names {name!r}, which {cls.__qualname__} does not define{hint}"
+            msg = f"ParallelMixin: parallel= names {name!r}, which {cls.__name__} does not define{hint}"
             raise TypeError(msg)
         if not (callable(attr) or isinstance(attr, (classmethod, staticmethod))):
             msg = f"ParallelMixin: parallel= names {name!r}, but {cls.__qualname__}.{name} is not a method ({type(attr).__name__})"

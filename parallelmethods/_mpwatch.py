@@ -11,6 +11,7 @@ call and terminating the pool.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any
 
@@ -43,6 +44,7 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):
     def configure(self, *args: Any, **kwargs: Any) -> int:
         n_jobs = super().configure(*args, **kwargs)
         self._pending: dict[int, Any] = {}
+        self._keys = itertools.count()
         self._pending_lock = threading.Lock()
         self._stop = threading.Event()
         # Snapshot now: Pool.__init__ has started every worker, and one that
@@ -54,7 +56,9 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):
         return n_jobs  # type: ignore[no-any-return]
 
     def submit(self, func: Any, callback: Any = None) -> Any:
-        key = id(func)
+        # A counter, not id(func): joblib drops the batch object once it is
+        # sent, so a later batch can reuse its id while the first still runs.
+        key = next(self._keys)
 
         def done(out: Any) -> None:
             with self._pending_lock:

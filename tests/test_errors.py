@@ -1,0 +1,283 @@
+"""Every failure is a clear, named error, fast; nothing hangs; the next map works."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import psutil
+import pytest
+
+from parallelmethods import ParallelMethodsError, ParallelMixin, SerializationError, WorkerCrashedError, parallelizable
+
+from . import _faulty as F
+from . import _models as M
+
+N = 2
+
+
+def _next_map_works(backend: str) -> None:
+    assert M.Model(2).score.map(range(6), backend=backend, n_jobs=N) == [0, 2, 4, 6, 8, 10]
+
+
+CRASH_TABLE = [
+    # (what, call, expected exception, message match)
+    ("pickling self", lambda o, b: F.HoldsLock().f.map([1], backend=b, n_jobs=N), SerializationError, r"self\.lock \(_thread\.lock\)"),
+    ("unpickling self in the worker", lambda o, b: F.UnpicklesBadly().f.map(range(4), backend=b, n_jobs=N), RuntimeError, "cannot be rebuilt here"),
+    ("inside the method", lambda o, b: o.method_raises.map(range(10), backend=b, n_jobs=N), KeyError, "no 7"),
+    ("pickling the result", lambda o, b: o.result_unpicklable.map(range(3), backend=b, n_jobs=N), TypeError, "result of item 1"),
+    ("unpickling the result", lambda o, b: o.result_fails_in_caller.map(range(3), backend=b, n_jobs=N), ParallelMethodsError, "could not be rebuilt in the caller"),
+    ("os._exit(1)", lambda o, b: o.exits.map(range(8), backend=b, n_jobs=N), WorkerCrashedError, r"exit code 1"),
+    ("SIGKILL", lambda o, b: o.killed.map(range(8), backend=b, n_jobs=N), WorkerCrashedError, r"SIGKILL"),
+    ("timeout", lambda o, b: o.sleeps.map(range(4), backend=b, n_jobs=N, timeout=1), TimeoutError, r"timeout=1s"),
+]
+
+
+FORK_NEVER_PICKLES_SELF = {"pickling self", "unpickling self in the worker"}
+
+
+@pytest.mark.parametrize(("what", "call", "exc", "match"), CRASH_TABLE, ids=[c[0] for c in CRASH_TABLE])
+def test_crash_table(process_backend: str, what: str, call: object, exc: type, match: str) -> None:
+    """Each failure stage gives the documented error in under 5 s, then a map succeeds."""
+    t0 = time.monotonic()
+    if process_backend == "multiprocessing" and what in FORK_NEVER_PICKLES_SELF:
+        # The fork route never pickles self: these stages do not exist there.
+        assert call(F.Faulty(), process_backend)  # type: ignore[operator]
+        return
+    with pytest.raises(exc, match=match):
+        call(F.Faulty(), process_backend)  # type: ignore[operator]
+    assert time.monotonic() - t0 < 5, f"{what} took too long"
+    _next_map_works(process_backend)
+
+
+def test_method_error_keeps_type_note_and_traceback(process_backend: str) -> None:
+    """The original type and message come back with a note naming the item and the worker traceback as cause."""
+    with pytest.raises(KeyError) as info:
+        F.Faulty().method_raises.map(range(10), backend=process_backend, n_jobs=N)
+    assert "parallelmethods: raised by Faulty.method_raises on item 7" in info.value.__notes__
+    assert "method_raises" in str(info.value.__cause__) and "KeyError" in str(info.value.__cause__)
+
+
+def test_on_error_return_puts_exceptions_in_place(backend: str) -> None:
+    """on_error='return' puts the exception, with its note, in the item's place."""
+    out = F.Faulty().method_raises.map(range(9), backend=backend, n_jobs=N, on_error="return")
+    assert out[:7] == list(range(7)) and out[8] == 8
+    assert isinstance(out[7], KeyError) and "on item 7" in out[7].__notes__[0]
+
+
+def test_unrebuildable_exception_becomes_parallelmethodserror() -> None:
+    """An exception whose __init__ pickle cannot call becomes ParallelMethodsError with type name and traceback."""
+    with pytest.raises(ParallelMethodsError, match="FinickyError") as info:
+        F.Faulty().finicky.map(range(4), backend="loky", n_jobs=N)
+    assert info.value.type_name is not None and info.value.type_name.endswith("FinickyError")
+    assert "finicky" in (info.value.traceback_text or "")
+
+
+def test_argument_that_cannot_travel_names_item() -> None:
+    """An unpicklable argument names 'argument 0 of item 3'."""
+    items = [1, 2, 3, threading.Lock()]
+    with pytest.raises(SerializationError, match="argument 0 of item 3"):
+        M.Model(1).varargs.map(items, backend="loky", n_jobs=N)
+
+
+@pytest.mark.parametrize("fault", ["exits", "killed", "sleeps"])
+def test_on_error_return_survives_crash_and_timeout(process_backend: str, fault: str) -> None:
+    """A dead worker or timeout gives WorkerCrashedError/TimeoutError in that item's place; the rest completes."""
+    kw: dict[str, object] = {"timeout": 1} if fault == "sleeps" else {}
+    bad = 2 if fault == "sleeps" else 3
+    out = getattr(F.Faulty(), fault).map(range(6), backend=process_backend, n_jobs=N, on_error="return", **kw)
+    expected_type = TimeoutError if fault == "sleeps" else WorkerCrashedError
+    assert isinstance(out[bad], expected_type)
+    assert [v for i, v in enumerate(out) if i != bad] == [i for i in range(6) if i != bad]
+
+
+def test_retries_rerun_lost_items(process_backend: str, tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """retries=1 re-runs an item whose worker died once; the map then succeeds."""
+    monkeypatch.setenv("PM_FLAKY_MARKER", os.path.join(str(tmp_path), "died-once"))
+    assert F.Faulty().flaky_exit.map(range(6), backend=process_backend, n_jobs=N, retries=1) == list(range(6))
+
+
+def test_retries_never_rerun_method_exceptions() -> None:
+    """retries does not re-run an exception raised by the method itself."""
+    calls = []
+
+    class C:
+        @parallelizable
+        def f(self, x: int) -> int:
+            calls.append(x)
+            raise ValueError("x")
+
+    with pytest.raises(ValueError, match="x"):
+        C().f.map([1], backend="threading", retries=3)
+    assert calls == [1]
+
+
+BAD_INPUT = [
+    (lambda: M.Model(1).score.map([1], n_jobs=0), ValueError, "n_jobs=0"),
+    (lambda: M.Model(1).score.map([1], backend="nope"), ValueError, "not a known joblib backend"),
+    (lambda: M.Model(1).score.options(on_error="x"), ValueError, "'raise'.*'return'"),
+    (lambda: parallelizable(batch_size=0), ValueError, "batch_size=0"),
+    (lambda: M.Model(1).score.map([1], timeout=-1), ValueError, "timeout=-1"),
+    (lambda: M.Model(1).score.map([1], retries=-1), ValueError, "retries=-1"),
+    (lambda: M.Model(1).score.map(5), TypeError, "must be iterable"),
+    (lambda: M.Model(1).score.map([1], y=5), TypeError, r"\.partial\(y=5\)"),
+    (lambda: M.Model(1).score.map([1], ordered=False), TypeError, "imap"),
+    (lambda: M.Model(1).score.imap(5), TypeError, "must be iterable"),
+    (lambda: M.Model(1).score.imap([1], backend="nope"), ValueError, "not a known"),
+    (lambda: M.Model(1).score.map([1], backend="sequential", timeout=1), ValueError, "cannot be enforced"),
+    (lambda: parallelizable(42), TypeError, "not callable or a descriptor"),  # type: ignore[call-overload]
+]
+
+
+@pytest.mark.parametrize(("call", "exc", "match"), BAD_INPUT)
+def test_bad_input_table(call: object, exc: type, match: str) -> None:
+    """Bad values raise where given, before any work, with a message naming the fix."""
+    with pytest.raises(exc, match=match):
+        call()  # type: ignore[operator]
+
+
+def test_bad_mixin_name() -> None:
+    """parallel=('missing',) is a TypeError at class creation."""
+    with pytest.raises(TypeError, match="'missing', which C does not define"):
+
+        class C(ParallelMixin, parallel=("missing",)):
+            pass
+
+
+def test_concurrent_maps_from_threads() -> None:
+    """Four threads mapping on one object at once all get their results."""
+    m = M.Model(3)
+    results: dict[int, list[int]] = {}
+
+    def work(k: int) -> None:
+        results[k] = m.score.partial(y=k).map(range(50), backend="loky", n_jobs=N)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert {k: v for k, v in results.items()} == {k: [3 * i + k for i in range(50)] for k in range(4)}
+
+
+def test_two_imaps_read_in_turn_and_abandoned(process_backend: str) -> None:
+    """Two imaps read alternately both complete; an abandoned imap leaves the next map working."""
+    a, b = M.Model(1), M.Model(10)
+    ia = a.score.imap(range(10), backend=process_backend, n_jobs=N)
+    ib = b.score.imap(range(10), backend=process_backend, n_jobs=N)
+    pairs = [(next(ia), next(ib)) for _ in range(10)]
+    assert pairs == [(i, 10 * i) for i in range(10)]
+    abandoned = a.score.imap(range(1000), backend=process_backend, n_jobs=N)
+    assert next(abandoned) == 0
+    abandoned.close()  # type: ignore[attr-defined]
+    _next_map_works(process_backend)
+
+
+class Nester:
+    @parallelizable
+    def outer(self, x: int) -> list[int]:
+        return M.Model(x).score.map(range(3))
+
+
+def test_nested_map_inside_worker() -> None:
+    """A map inside a worker (nested) works."""
+    assert Nester().outer.map([1, 2], backend="loky", n_jobs=N) == [[0, 1, 2], [0, 2, 4]]
+
+
+CTRL_C_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from tests._models import Model
+    from parallelmethods import parallelizable
+
+    class Slow:
+        @parallelizable
+        def f(self, x):
+            time.sleep(30)
+            return x
+
+    print("START", flush=True)
+    Slow().f.map(range(8), backend={backend!r}, n_jobs=2)
+    """
+)
+
+
+@pytest.mark.parametrize("backend_name", ["loky", "multiprocessing"])
+def test_ctrl_c_exits_fast_without_orphans(tmp_path: object, backend_name: str) -> None:
+    """SIGINT during a long map: the process exits within 3 s and leaves no child processes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(str(tmp_path), "long.py")
+    with open(script, "w") as f:
+        f.write(CTRL_C_SCRIPT.format(root=root, backend=backend_name))
+    proc = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "START"
+    ps = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 30
+    while len(ps.children(recursive=True)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    children = ps.children(recursive=True)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=10)
+    assert time.monotonic() - t0 < 3
+    _gone, alive = psutil.wait_procs(children, timeout=5)
+    assert [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def _our_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_soak_no_leaks(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 process maps with failures and crashes: no orphans, no files of ours left, bounded worker cache."""
+    from parallelmethods._runner import FILE_PREFIX
+
+    shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    f = F.Faulty()
+    for i in range(100):
+        backend = "loky" if i % 2 else "multiprocessing"
+        m = M.Model(i)
+        if i % 10 == 3:
+            with pytest.raises(WorkerCrashedError):
+                f.exits.map(range(6), backend=backend, n_jobs=N)
+        elif i % 10 == 5:
+            with pytest.raises(KeyError):
+                f.method_raises.map(range(9), backend=backend, n_jobs=N)
+        else:
+            assert m.score.map(range(20), backend=backend, n_jobs=N) == [i * x for x in range(20)]
+
+    class Probe:
+        @parallelizable
+        def cache(self, x: int) -> int:
+            from parallelmethods import _dispatch as d
+
+            time.sleep(0.05)
+            return int(d.cache_info()["size"])
+
+    from parallelmethods import _dispatch
+
+    assert max(Probe().cache.map(range(8), backend="loky", n_jobs=N)) <= _dispatch.CACHE_SIZE
+    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(FILE_PREFIX)] if os.path.isdir("/dev/shm") else []
+    assert leftovers == []
+    assert [n for n in os.listdir(__import__("tempfile").gettempdir()) if n.startswith(FILE_PREFIX)] == []
+    # Only loky's reusable workers (and its resource tracker) may remain; multiprocessing pools are gone.
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True, kill_workers=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and [p for p in _our_children() if "resource_tracker" not in " ".join(p.cmdline())]:
+        time.sleep(0.2)
+    assert [p for p in _our_children() if "resource_tracker" not in " ".join(p.cmdline())] == []
+    # joblib's own memmapping folders are removed by its resource tracker at exit; ours are gone now.
+    new_shm = (set(os.listdir("/dev/shm")) - shm_before) if os.path.isdir("/dev/shm") else set()
+    assert {n for n in new_shm if n.startswith(FILE_PREFIX)} == set()
