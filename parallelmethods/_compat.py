@@ -11,7 +11,7 @@ PY_3_13_PLUS = sys.version_info >= (3, 13)
 def add_note(exc: BaseException, note: str) -> None:
     """``exc.add_note(note)``; on 3.10 set ``__notes__`` (kept by pickle, not displayed)."""
     if PY_3_11_PLUS:
-        exc.add_note(note)
+        exc.add_note(note)  # type: ignore[attr-defined,unused-ignore]
         return
     notes = getattr(exc, "__notes__", None)
     if not isinstance(notes, list):

@@ -16,7 +16,7 @@ R = TypeVar("R")
 @overload
 def parallelizable(func: Callable[P, R], /) -> ParallelFunction[P, R]: ...
 @overload
-def parallelizable(func: classmethod[Any, P, R], /) -> ParallelFunction[..., R]: ...  # type: ignore[overload-overlap]
+def parallelizable(func: classmethod[Any, P, R], /) -> ParallelFunction[..., R]: ...  # type: ignore[overload-overlap,unused-ignore]
 @overload
 def parallelizable(func: staticmethod[P, R], /) -> ParallelFunction[P, R]: ...
 @overload

@@ -89,7 +89,12 @@ class ParallelFunction(Generic[P, R]):
     .. versionadded:: 0.1
     """
 
-    __class_getitem__ = classmethod(GenericAlias)
+    __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
+    # Set by functools.update_wrapper in __init__:
+    __name__: str
+    __qualname__: str
+    __module__: str
+    __wrapped__: Callable[P, R]
 
     def __init__(self, target: Any, options: Options) -> None:
         self._target = target
@@ -133,7 +138,7 @@ class ParallelFunction(Generic[P, R]):
         name = self._name or self.__name__
         for klass in getattr(cls, "__mro__", ()):
             attr = klass.__dict__.get(name)
-            if isinstance(attr, wrapper) and attr.__func__ is self:
+            if isinstance(attr, wrapper) and getattr(attr, "__func__", None) is self:
                 return True
         return False
 
@@ -218,7 +223,7 @@ class BoundParallelMethod(Generic[P, R]):
     .. versionadded:: 0.1
     """
 
-    __class_getitem__ = classmethod(GenericAlias)
+    __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
     __slots__ = ("_func", "_subject", "_kind", "_options", "_args", "_kwargs")
 
     def __init__(self, func: ParallelFunction[Any, Any], subject: Any, kind: str, options: Options, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -237,7 +242,8 @@ class BoundParallelMethod(Generic[P, R]):
 
     @property
     def __doc__(self) -> str | None:  # type: ignore[override]
-        return self._func._func.__doc__
+        doc: str | None = self._func._func.__doc__
+        return doc
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:

@@ -90,10 +90,15 @@ class FileHandle:
 
 @dataclass(frozen=True)
 class InlineHandle:
-    """``self`` as bytes inside the task (dask: the bytes arrive as a scattered Future)."""
+    """``self`` as bytes passed to the task: stream then buffers, back to back.
+
+    On dask the bytes are scattered once and passed as a top-level Future
+    argument (dask resolves it on the worker, fetching it once per worker).
+    """
 
     digest: str
-    blob: Any  # bytes (pickle stream, buffers in-band)
+    main_len: int
+    buffer_lens: tuple[int, ...]
 
 
 @dataclass
@@ -132,12 +137,16 @@ def _load_file(handle: FileHandle) -> Any:
         # file, so a 200 MB array is shared by every worker, not copied.
         mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
     view = memoryview(mm) if mm is not None else memoryview(b"")
+    return _load_view(view, handle.main_len, handle.buffer_lens)
+
+
+def _load_view(view: memoryview, main_len: int, buffer_lens: tuple[int, ...]) -> Any:
     buffers = []
-    offset = handle.main_len
-    for n in handle.buffer_lens:
+    offset = main_len
+    for n in buffer_lens:
         buffers.append(view[offset : offset + n])
         offset += n
-    return loads_value(view[: handle.main_len], buffers=buffers)
+    return loads_value(view[:main_len], buffers=buffers)
 
 
 def _after_load(subject: Any) -> Any:
@@ -170,7 +179,7 @@ def _prepare_fork_copy(handle: LocalHandle, subject: Any) -> Any:
     return subject
 
 
-def _subject_of(handle: Any) -> Any:
+def _subject_of(handle: Any, blob: Any = None) -> Any:
     if isinstance(handle, LocalHandle):
         try:
             subject = _REGISTRY[handle.token]
@@ -191,7 +200,7 @@ def _subject_of(handle: Any) -> Any:
     if isinstance(handle, FileHandle):
         subject = _load_file(handle)
     else:
-        subject = loads_value(handle.blob)
+        subject = _load_view(memoryview(blob), handle.main_len, handle.buffer_lens)
     subject = _after_load(subject)
     with _CACHE_LOCK:
         _CACHE[digest] = subject
@@ -248,7 +257,7 @@ def _capture(index: int, exc: BaseException) -> RemoteError:
     return RemoteError(index, kept, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb_text)
 
 
-def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool) -> Any:
+def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool, blob: Any = None) -> Any:
     """Run one chunk of items; the only function any worker executes.
 
     ``spec`` = (kind, name, mro_index, fixed_args, fixed_kwargs, on_error,
@@ -261,7 +270,7 @@ def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool) 
         spec = loads_value(spec)
         items = loads_value(items)
     kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations = spec
-    subject = _subject_of(handle)
+    subject = _subject_of(handle, blob)
     fn, lead = resolve_call(subject, kind, name, mro_index)
     if fixed_args or lead:
         lead = (*lead, *fixed_args)

@@ -38,7 +38,7 @@ class _Died:
         self.exitcodes = exitcodes
 
 
-class WatchedMultiprocessingBackend(MultiprocessingBackend):
+class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[misc]
     """``MultiprocessingBackend`` that fails fast instead of hanging on a dead worker."""
 
     def configure(self, *args: Any, **kwargs: Any) -> int:

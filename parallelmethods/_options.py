@@ -17,7 +17,7 @@ import enum
 import numbers
 from typing import Any, Final, Literal
 
-__all__ = ["UNSET", "Options", "OPTION_NAMES", "split_options"]
+__all__ = ["UNSET", "Options", "OPTION_NAMES", "Resolved", "resolve", "split_options"]
 
 
 class _Unset(enum.Enum):
@@ -198,10 +198,10 @@ def _validate(opts: Options) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Resolved:
-    """Options with every field decided, plus the joblib backend chosen."""
+    """Options with every field decided (defaults filled in); what the runner reads."""
 
-    n_jobs: int
-    backend_name: str
+    n_jobs: int | None
+    backend: str | None
     batch_size: int | Literal["auto"]
     progress: bool
     timeout: float | None
@@ -209,6 +209,12 @@ class Resolved:
     ordered: bool
     retries: int
     check_mutations: bool
+
+
+def resolve(layer: Options) -> Resolved:
+    """Fill every unset field of ``layer`` with its default."""
+    full = DEFAULTS.merge(layer)
+    return Resolved(**{f.name: getattr(full, f.name) for f in dataclasses.fields(Options)})
 
 
 DEFAULTS: Final = Options(

@@ -35,7 +35,7 @@ from . import _dispatch
 from ._compat import add_note
 from ._dispatch import FileHandle, InlineHandle, LocalHandle, RemoteError, run_chunk
 from ._mpwatch import WatchedMultiprocessingBackend, WorkerDied
-from ._options import DEFAULTS, Options
+from ._options import Options, Resolved, resolve
 from ._serialize import Payload, dumps_state, dumps_value, loads_value, serialization_error
 from .errors import ParallelMethodsError, SerializationError, WorkerCrashedError
 
@@ -68,7 +68,7 @@ class _RemoteTraceback(Exception):
 class Plan:
     """What a call will do: backend, worker count, route for ``self``."""
 
-    opts: Options
+    opts: Resolved
     backend: Any
     backend_name: str
     n_jobs: int
@@ -88,7 +88,7 @@ def _backend_name(backend: Any) -> str:
 
     for name, cls in BACKENDS.items():
         if type(backend) is cls:
-            return name
+            return str(name)
     if isinstance(backend, MultiprocessingBackend):
         return "multiprocessing"
     return type(backend).__name__
@@ -96,11 +96,15 @@ def _backend_name(backend: Any) -> str:
 
 def _active_backend(backend_opt: str | None) -> tuple[Any, int | None]:
     if backend_opt is None:
-        return get_active_backend()
-    if backend_opt == "dask":
+        backend, n_jobs = get_active_backend()
+    else:
+        if backend_opt == "dask":
+            _require_dask_client()
+        with joblib.parallel_config(backend=backend_opt):
+            backend, n_jobs = get_active_backend()
+    if type(backend).__name__ == "DaskDistributedBackend":
         _require_dask_client()
-    with joblib.parallel_config(backend=backend_opt):
-        return get_active_backend()
+    return backend, n_jobs
 
 
 def _require_dask_client() -> None:
@@ -125,7 +129,7 @@ def _require_dask_client() -> None:
 
 def _find_owner(bound: BoundParallelMethod[Any, Any]) -> tuple[str, int, type | None]:
     """(attribute name, index in the MRO of the class that holds this descriptor, that class)."""
-    func = bound._func
+    func: Any = bound._func
     if bound._kind == "function":
         return func.__name__, 0, None
     mro = type(bound._subject).__mro__ if bound._kind == "method" else bound._subject.__mro__
@@ -143,9 +147,11 @@ def _find_owner(bound: BoundParallelMethod[Any, Any]) -> tuple[str, int, type | 
 
 def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options) -> Plan:
     """Decide backend, n_jobs and route; raises on bad input before any work."""
-    opts = DEFAULTS.merge(layer)
-    backend, config_n_jobs = _active_backend(opts.backend)  # type: ignore[arg-type]
-    n_jobs = opts.n_jobs if opts.n_jobs is not None else (config_n_jobs if config_n_jobs is not None else -1)
+    opts = resolve(layer)
+    backend, config_n_jobs = _active_backend(opts.backend)
+    # Our default is all cores (-1); joblib's own "unset" means 1. An enclosing
+    # parallel_config(n_jobs=...) still wins over that default.
+    n_jobs: int = opts.n_jobs if opts.n_jobs is not None else (config_n_jobs if config_n_jobs is not None else -1)
     if isinstance(backend, MultiprocessingBackend) and not isinstance(backend, WatchedMultiprocessingBackend):
         # joblib's pool waits forever on a task whose worker died; ours watches.
         backend = WatchedMultiprocessingBackend(nesting_level=backend.nesting_level, **backend.backend_kwargs)
@@ -199,14 +205,22 @@ def _shm_dir() -> str:
 FILE_PREFIX = "parallelmethods-"
 
 
+@dataclass(frozen=True)
+class Shipment:
+    """The handle workers use to find ``self``, and (dask) the scattered bytes."""
+
+    handle: Any
+    blob: Any = None
+
+
 @contextlib.contextmanager
-def shipped(plan: Plan) -> Iterator[Any]:
-    """Yield the handle workers use to find ``self``; clean up afterwards."""
+def shipped(plan: Plan) -> Iterator[Shipment]:
+    """Make ``self`` reachable from workers for one call; clean up afterwards."""
     if plan.route in ("reference", "fork"):
         token = uuid.uuid4().hex
         _dispatch.register_local(token, plan.subject)
         try:
-            yield LocalHandle(token, os.getpid(), plan.exclude if plan.route == "fork" else ())
+            yield Shipment(LocalHandle(token, os.getpid(), plan.exclude if plan.route == "fork" else ()))
         finally:
             _dispatch.unregister_local(token)
         return
@@ -214,8 +228,8 @@ def shipped(plan: Plan) -> Iterator[Any]:
     if plan.route == "cluster":
         from ._dask import scatter_payload
 
-        with scatter_payload(payload) as handle:
-            yield handle
+        with scatter_payload(payload) as (handle, future):
+            yield Shipment(handle, future)
         return
     fd, path = tempfile.mkstemp(prefix=FILE_PREFIX, suffix=".pkl", dir=_shm_dir())
     try:
@@ -223,7 +237,7 @@ def shipped(plan: Plan) -> Iterator[Any]:
             f.write(payload.main)
             for buf in payload.buffers:
                 f.write(buf)
-        yield FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers))
+        yield Shipment(FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers)))
     finally:
         # Workers that mapped the file keep their mapping; the name goes now.
         with contextlib.suppress(FileNotFoundError):
@@ -294,7 +308,7 @@ def _describe_items(items: list[int]) -> str:
 def _map_pool_error(plan: Plan, err: BaseException, in_flight: list[int]) -> BaseException:
     from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
 
-    if isinstance(err, (TerminatedWorkerError, BrokenProcessPool, WorkerDied)):
+    if isinstance(err, (TerminatedWorkerError, BrokenProcessPool, WorkerDied)) or type(err).__name__ == "KilledWorker":
         codes = _exit_codes(err)
         how = ", ".join(_signal_name(c) for c in codes) if codes else "unknown exit status"
         msg = (
@@ -328,9 +342,10 @@ def _signal_name(code: int) -> str:
 class _Executor:
     """Runs chunks through joblib; yields decoded chunk results as they complete."""
 
-    def __init__(self, plan: Plan, handle: Any) -> None:
+    def __init__(self, plan: Plan, shipment: Shipment) -> None:
         self.plan = plan
-        self.handle = handle
+        self.handle = shipment.handle
+        self.blob = shipment.blob
         self.serialized = plan.route != "reference"
         self.spec = _spec_payload(plan, self.serialized)
 
@@ -344,7 +359,7 @@ class _Executor:
             for first, items in chunks:
                 payload = _items_payload(first, items, self.serialized)
                 dispatched.add(first)
-                yield delayed(run_chunk)(self.handle, self.spec, first, payload, self.serialized)
+                yield delayed(run_chunk)(self.handle, self.spec, first, payload, self.serialized, self.blob)
 
         return_as = "generator_unordered" if plan.backend.supports_return_generator else "list"
         parallel = Parallel(n_jobs=plan.n_jobs, backend=plan.backend, batch_size=1, timeout=timeout, return_as=return_as)
@@ -363,7 +378,7 @@ class _Executor:
         except Exception as e:
             from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
 
-            if isinstance(e, (TerminatedWorkerError, BrokenProcessPool)):
+            if isinstance(e, (TerminatedWorkerError, BrokenProcessPool)) or type(e).__name__ == "KilledWorker":
                 raise _PoolFailure(e, dispatched, completed) from e
             raise
         finally:
@@ -522,8 +537,8 @@ def run_map(bound: BoundParallelMethod[Any, Any], layer: Options, items_iter: It
     results: list[Any] = [None] * len(items)
     collector = _Collector(plan, len(items))
     try:
-        with shipped(plan) as handle:
-            executor = _Executor(plan, handle)
+        with shipped(plan) as shipment:
+            executor = _Executor(plan, shipment)
             for index, value in _run_items(plan, executor, collector, 0, items, _auto_chunk(plan, len(items))):
                 results[index] = value
     finally:
@@ -542,8 +557,8 @@ def _imap(plan: Plan, items_iter: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
     chunk_size = plan.opts.batch_size if isinstance(plan.opts.batch_size, int) else 1
     collector = _Collector(plan, None)
     try:
-        with shipped(plan) as handle:
-            executor = _Executor(plan, handle)
+        with shipped(plan) as shipment:
+            executor = _Executor(plan, shipment)
             start = 0
             while True:
                 window = [args for _, args in zip(range(window_chunks * chunk_size), items_iter)]

@@ -81,7 +81,7 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
-class _CloudPickler(cloudpickle.Pickler):
+class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle, plus the same ``exclude=`` handling for the root."""
 
     def __init__(self, file: io.BytesIO, root: Any, exclude: tuple[str, ...], buffer_callback: Any) -> None:
@@ -181,7 +181,8 @@ def dumps_value(value: Any) -> bytes:
         _Pickler(out, None, (), None).dump(value)
         return out.getvalue()
     except Exception:  # noqa: BLE001 - cloudpickle decides
-        return cloudpickle.dumps(value, protocol=PROTOCOL)
+        blob: bytes = cloudpickle.dumps(value, protocol=PROTOCOL)
+        return blob
 
 
 def loads_value(blob: bytes | memoryview, buffers: Any = None) -> Any:
