@@ -25,7 +25,9 @@ def scatter_payload(payload: Payload) -> Iterator[tuple[InlineHandle, Any]]:
 
     client = get_client()
     blob = b"".join([payload.main, *(bytes(b) for b in payload.buffers)])
-    future = client.scatter(blob, hash=False)  # type: ignore[no-untyped-call,unused-ignore]
+    # broadcast: every worker needs the bytes, and a copy on each survives
+    # the death of any one of them.
+    future = client.scatter(blob, hash=False, broadcast=True)  # type: ignore[no-untyped-call,unused-ignore]
     handle = InlineHandle(payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers))
     try:
         yield handle, future

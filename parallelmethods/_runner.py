@@ -308,7 +308,7 @@ def _describe_items(items: list[int]) -> str:
 def _map_pool_error(plan: Plan, err: BaseException, in_flight: list[int]) -> BaseException:
     from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
 
-    if isinstance(err, (TerminatedWorkerError, BrokenProcessPool, WorkerDied)) or type(err).__name__ == "KilledWorker":
+    if isinstance(err, (TerminatedWorkerError, BrokenProcessPool, WorkerDied)) or _is_dask_crash(err):
         codes = _exit_codes(err)
         how = ", ".join(_signal_name(c) for c in codes) if codes else "unknown exit status"
         msg = (
@@ -326,6 +326,12 @@ def _map_pool_error(plan: Plan, err: BaseException, in_flight: list[int]) -> Bas
         )
         return TimeoutError(msg)
     return err
+
+
+def _is_dask_crash(err: BaseException) -> bool:
+    # dask retries a task whose worker died (distributed.scheduler.allowed-failures),
+    # then raises KilledWorker; data lost with the worker cancels its dependents.
+    return type(err).__name__ in ("KilledWorker", "FutureCancelledError")
 
 
 def _signal_name(code: int) -> str:
@@ -378,7 +384,7 @@ class _Executor:
         except Exception as e:
             from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
 
-            if isinstance(e, (TerminatedWorkerError, BrokenProcessPool)) or type(e).__name__ == "KilledWorker":
+            if isinstance(e, (TerminatedWorkerError, BrokenProcessPool)) or _is_dask_crash(e):
                 raise _PoolFailure(e, dispatched, completed) from e
             raise
         finally:
