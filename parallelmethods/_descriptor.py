@@ -284,7 +284,8 @@ class BoundParallelMethod(Generic[P, R]):
         """A copy with these options; ``m.score`` itself is unchanged.
 
         Example:
-            >>> m.score.options(n_jobs=2).map([1, 2])  # doctest: +SKIP
+            >>> m.score.options(n_jobs=2).map([1, 2])
+            [3, 6]
         """
         where = f"{self._func.__qualname__}.options"
         layer = split_options(options, where=where, allow_ordered=True)
@@ -294,7 +295,8 @@ class BoundParallelMethod(Generic[P, R]):
         """Fix leading arguments and keywords, like :func:`functools.partial`.
 
         Example:
-            >>> m.score.partial(y=5).map(range(3))  # doctest: +SKIP
+            >>> m.score.partial(y=5).map(range(3))
+            [5, 8, 11]
         """
         return BoundParallelMethod(self._func, self._subject, self._kind, self._options, (*self._args, *args), {**self._kwargs, **kwargs})
 
