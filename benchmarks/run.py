@@ -1,0 +1,464 @@
+"""Benchmarks: parallelmethods against every usual way to map a method, in one run.
+
+    python -m pip install -e ".[bench]"
+    python benchmarks/run.py            # full sizes (several minutes)
+    python benchmarks/run.py --quick    # smaller sizes, under ~2 minutes
+    python benchmarks/run.py --smoke    # tiny sizes, for the test suite
+
+Every method runs in this one process, repeats are interleaved (method A, B,
+C, A, B, C, ...), every result is checked against a plain loop, and the table
+reports medians and ratios. Methods that would take far too long at full size
+(naive joblib pickles self per task) run on a prefix of the items and are
+extrapolated linearly; they are marked with ``*``.
+Writes ``benchmarks/results/latest.json`` and ``docs/benchmark.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import multiprocessing
+import os
+import pickle
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import joblib  # noqa: E402
+import numpy as np  # noqa: E402
+from joblib import Parallel, delayed  # noqa: E402
+
+from parallelmethods import parallelizable  # noqa: E402
+
+WORKERS = 2
+
+
+# --------------------------------------------------------------------------
+# Workload objects (module level: importable in workers, as users' code is).
+# --------------------------------------------------------------------------
+
+
+class Squares:
+    def __init__(self) -> None:
+        self.k = 1
+
+    @parallelizable
+    def square(self, i: int) -> int:
+        return i * i * self.k
+
+    def plain(self, i: int) -> int:
+        return i * i * self.k
+
+
+def _burn(seconds: float) -> int:
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+
+
+class Busy:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    @parallelizable
+    def work(self, i: int) -> int:
+        _burn(self.seconds)
+        return i
+
+    def plain(self, i: int) -> int:
+        _burn(self.seconds)
+        return i
+
+
+class ArrayHolder:
+    def __init__(self, n_floats: int) -> None:
+        self.a = np.arange(n_floats, dtype=np.float64)
+
+    @parallelizable
+    def lookup(self, i: int) -> float:
+        return float(self.a[(i * 7919) % len(self.a)])
+
+    def plain(self, i: int) -> float:
+        return float(self.a[(i * 7919) % len(self.a)])
+
+
+class DictHolder:
+    def __init__(self, n_keys: int) -> None:
+        self.table = {f"key{i}": (i, float(i), str(i) * 3) for i in range(n_keys)}
+        self.n = n_keys
+
+    @parallelizable
+    def lookup(self, i: int) -> float:
+        return self.table[f"key{(i * 7919) % self.n}"][1]
+
+    def plain(self, i: int) -> float:
+        return self.table[f"key{(i * 7919) % self.n}"][1]
+
+
+def square_fn(i: int) -> int:
+    return i * i
+
+
+def unwrap_self(arg: tuple[Any, int]) -> Any:
+    """The classic workaround: a global function taking (self, x)."""
+    obj, x = arg
+    return obj.plain(x)
+
+
+_SHARED: Any = None
+
+
+def _init_shared(obj: Any) -> None:
+    global _SHARED
+    _SHARED = obj
+
+
+def _call_shared(x: int) -> Any:
+    return _SHARED.plain(x)
+
+
+def _mpire_call(shared: Any, x: int) -> Any:
+    return shared.plain(x)
+
+
+# --------------------------------------------------------------------------
+# Methods: each takes (obj, items) and returns the list of results.
+# --------------------------------------------------------------------------
+
+
+def m_loop(obj: Any, items: list[int]) -> list[Any]:
+    return [obj.plain(i) for i in items]
+
+
+def _pm(backend: str) -> Callable[[Any, list[int]], list[Any]]:
+    def run(obj: Any, items: list[int]) -> list[Any]:
+        bound = getattr(obj, _PM_METHOD[type(obj).__name__])
+        return bound.map(items, backend=backend, n_jobs=WORKERS)  # type: ignore[no-any-return]
+
+    return run
+
+
+_PM_METHOD = {"Squares": "square", "Busy": "work", "ArrayHolder": "lookup", "DictHolder": "lookup"}
+
+
+def m_joblib_naive(obj: Any, items: list[int]) -> list[Any]:
+    return Parallel(n_jobs=WORKERS)(delayed(obj.plain)(i) for i in items)  # type: ignore[no-any-return]
+
+
+def m_unwrap_self(obj: Any, items: list[int]) -> list[Any]:
+    return Parallel(n_jobs=WORKERS)(delayed(unwrap_self)((obj, i)) for i in items)  # type: ignore[no-any-return]
+
+
+def m_joblib_function(obj: Any, items: list[int]) -> list[Any]:
+    return Parallel(n_jobs=WORKERS)(delayed(square_fn)(i) for i in items)  # type: ignore[no-any-return]
+
+
+def m_pool_map(obj: Any, items: list[int]) -> list[Any]:
+    with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
+        return pool.map(obj.plain, items)
+
+
+def m_pool_initializer(obj: Any, items: list[int]) -> list[Any]:
+    with multiprocessing.get_context("fork").Pool(WORKERS, initializer=_init_shared, initargs=(obj,)) as pool:
+        return pool.map(_call_shared, items)
+
+
+def m_ppe(obj: Any, items: list[int]) -> list[Any]:
+    chunk = max(1, math.ceil(len(items) / (4 * WORKERS)))
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(WORKERS, mp_context=ctx) as ex:
+        return list(ex.map(obj.plain, items, chunksize=chunk))
+
+
+def m_mpire(obj: Any, items: list[int]) -> list[Any]:
+    from mpire import WorkerPool
+
+    with WorkerPool(n_jobs=WORKERS, shared_objects=obj, start_method="fork") as pool:
+        return pool.map(_mpire_call, items)  # type: ignore[no-any-return]
+
+
+METHODS: dict[str, Callable[[Any, list[int]], list[Any]]] = {
+    "plain loop": m_loop,
+    "pm loky": _pm("loky"),
+    "pm multiprocessing (fork)": _pm("multiprocessing"),
+    "pm threading": _pm("threading"),
+    "joblib delayed(obj.method)": m_joblib_naive,
+    "joblib unwrap_self": m_unwrap_self,
+    "joblib module fn, no state": m_joblib_function,
+    "Pool.map(obj.method)": m_pool_map,
+    "fork Pool + initializer": m_pool_initializer,
+    "ProcessPoolExecutor chunked": m_ppe,
+    "mpire shared_objects": m_mpire,
+}
+
+# Methods that pickle self per task: run on a prefix when that would be slow.
+PER_TASK_PICKLERS = {"joblib delayed(obj.method)", "joblib unwrap_self"}
+
+
+# --------------------------------------------------------------------------
+# Memory: peak PSS of the process tree (shared pages count once).
+# --------------------------------------------------------------------------
+
+
+class PeakPSS:
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                total += p.memory_full_info().pss
+            except Exception:  # noqa: BLE001 - process ended meanwhile
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._sample())
+
+    def __enter__(self) -> PeakPSS:
+        import psutil
+
+        # Baseline: this process alone (it already holds self). Idle workers
+        # left by earlier methods count in the peak, never below zero.
+        self.base = psutil.Process().memory_full_info().pss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    make: Callable[[], Any]
+    n_items: int
+    methods: list[str]
+    times: dict[str, list[float]] = field(default_factory=dict)
+    extrapolated: dict[str, int] = field(default_factory=dict)
+    peak_mb: dict[str, float] = field(default_factory=dict)
+    floor: float | None = None
+
+
+def _sizes(mode: str) -> dict[str, Any]:
+    if mode == "smoke":
+        return dict(w1=2000, w2_items=8, w2_s=0.002, w3a=200_000, w3b=20_000, w3_items=50, w5_calls=2, w5_items=20, repeats=1, budget=5.0)
+    if mode == "quick":
+        return dict(w1=50_000, w2_items=32, w2_s=0.02, w3a=6_250_000, w3b=200_000, w3_items=2000, w5_calls=5, w5_items=100, repeats=1, budget=8.0)
+    return dict(w1=200_000, w2_items=64, w2_s=0.02, w3a=25_000_000, w3b=1_000_000, w3_items=2000, w5_calls=10, w5_items=100, repeats=3, budget=30.0)
+
+
+def run_workload(w: Workload, repeats: int, budget: float, memory: bool) -> None:
+    obj = w.make()
+    items = list(range(w.n_items))
+    expected = m_loop(obj, items)
+    if w.name.startswith("W3"):
+        t0 = time.perf_counter()
+        blob = pickle.dumps(obj, protocol=5)
+        pickle.loads(blob)
+        w.floor = time.perf_counter() - t0
+    for _ in range(repeats):
+        for name in w.methods:
+            fn = METHODS[name]
+            use = items
+            if name in PER_TASK_PICKLERS and w.floor is not None:
+                # Each task pickles self: estimate and cap the work to the budget.
+                per_item = w.floor * 1.1
+                n = max(2 * WORKERS, min(len(items), int(budget / per_item)))
+                if n < len(items):
+                    use = items[:n]
+                    w.extrapolated[name] = n
+            if memory and name not in w.peak_mb:
+                mon: PeakPSS | None = PeakPSS().__enter__()
+            else:
+                mon = None
+            t0 = time.perf_counter()
+            got = fn(obj, use)
+            elapsed = time.perf_counter() - t0
+            if mon is not None:
+                mon.__exit__()
+                w.peak_mb[name] = (mon.peak - mon.base) / 1e6
+            if got != expected[: len(use)]:
+                msg = f"{w.name}/{name}: results differ from the plain loop"
+                raise AssertionError(msg)
+            w.times.setdefault(name, []).append(elapsed * len(items) / len(use))
+            print(f"  {w.name:4} {name:30} {elapsed:8.3f}s" + (f" (on {len(use)} items)" if len(use) < len(items) else ""), flush=True)
+
+
+def run_w5(obj: Any, calls: int, n_items: int) -> dict[str, Any]:
+    """W5: the same object mapped `calls` times (warm workers): first vs later calls."""
+    items = list(range(n_items))
+    expected = m_loop(obj, items)
+    out: dict[str, Any] = {}
+    for name, fn in (("pm loky", _pm("loky")), ("ProcessPoolExecutor chunked", m_ppe), ("fork Pool + initializer", m_pool_initializer)):
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            assert fn(obj, items) == expected
+            times.append(time.perf_counter() - t0)
+        out[name] = {"first": times[0], "later_median": statistics.median(times[1:]) if len(times) > 1 else times[0], "total": sum(times)}
+        print(f"  W5   {name:30} first {times[0]:.3f}s, later median {out[name]['later_median']:.3f}s", flush=True)
+    return out
+
+
+def run_dask_w3b(obj: Any, n_items: int) -> dict[str, float] | None:
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        return None
+    items = list(range(n_items))
+    expected = m_loop(obj, items)
+    cluster = LocalCluster(n_workers=WORKERS, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1")
+    client = Client(cluster)
+    try:
+        client.submit(sum, [1]).result()  # warm
+        t0 = time.perf_counter()
+        assert obj.lookup.map(items, backend="dask") == expected
+        pm_t = time.perf_counter() - t0
+
+        def chunk_call(o: Any, chunk: list[int]) -> list[Any]:
+            return [o.plain(i) for i in chunk]
+
+        t0 = time.perf_counter()
+        fut = client.scatter(obj, broadcast=True)
+        size = max(1, math.ceil(n_items / (4 * WORKERS)))
+        chunks = [items[i : i + size] for i in range(0, n_items, size)]
+        futures = client.map(chunk_call, [fut] * len(chunks), chunks)
+        got = [x for part in client.gather(futures) for x in part]
+        dask_t = time.perf_counter() - t0
+        assert got == expected
+    finally:
+        client.close()
+        cluster.close()
+    print(f"  W3b  pm dask {pm_t:.3f}s, dask scatter+chunked map {dask_t:.3f}s", flush=True)
+    return {"pm dask": pm_t, "dask scatter + chunked map": dask_t}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smaller sizes, under ~2 minutes")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes (the test suite's smoke run)")
+    parser.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    parser.add_argument("--no-dask", action="store_true", help="skip the dask row")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "latest.json"))
+    parser.add_argument("--chart", default=os.path.join(ROOT, "docs", "benchmark.png"))
+    args = parser.parse_args(argv)
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    s = _sizes(mode_name)
+    have_mpire = _importable("mpire")
+    everything = [m for m in METHODS if have_mpire or m != "mpire shared_objects"]
+    stateful = [m for m in everything if m != "joblib module fn, no state"]
+    workloads = [
+        Workload("W1", f"square(self, i) x {s['w1']:,}", Squares, s["w1"], everything),
+        Workload("W2", f"{s['w2_s'] * 1000:.0f} ms of Python per item x {s['w2_items']}", lambda: Busy(s["w2_s"]), s["w2_items"], [m for m in stateful if m != "pm threading"] + ["pm threading"]),
+        Workload("W3a", f"self holds a {s['w3a'] * 8 / 1e6:.0f} MB float64 array, lookup x {s['w3_items']}", lambda: ArrayHolder(s["w3a"]), s["w3_items"], stateful),
+        Workload("W3b", f"self holds a dict of {s['w3b']:,} keys, lookup x {s['w3_items']}", lambda: DictHolder(s["w3b"]), s["w3_items"], stateful),
+    ]
+    print(f"parallelmethods benchmarks ({mode_name}), {WORKERS} workers, joblib {joblib.__version__}, Python {sys.version.split()[0]}")
+    started = time.perf_counter()
+    warm = Squares()
+    for name in everything:  # start pools/executors once, outside the timings
+        assert METHODS[name](warm, [1, 2, 3, 4]) == [1, 4, 9, 16]
+    for w in workloads:
+        print(f"{w.name}: {w.title}", flush=True)
+        run_workload(w, s["repeats"], s["budget"], memory=w.name.startswith("W3") and _importable("psutil"))
+    print("W5: the W3b object mapped again and again (warm workers)", flush=True)
+    w5 = run_w5(DictHolder(s["w3b"]), s["w5_calls"], s["w5_items"])
+    dask_row = None if args.no_dask else run_dask_w3b(DictHolder(s["w3b"]), s["w3_items"])
+    report = _report(workloads, w5, dask_row)
+    print(report)
+    print(f"total {time.perf_counter() - started:.0f}s")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(
+            {
+                "mode": mode_name,
+                "workloads": {w.name: {"title": w.title, "median_s": {k: statistics.median(v) for k, v in w.times.items()}, "extrapolated_from": w.extrapolated, "peak_pss_mb": w.peak_mb, "copy_once_floor_s": w.floor} for w in workloads},
+                "W5": w5,
+                "dask_W3b": dask_row,
+            },
+            f,
+            indent=2,
+        )
+    if not args.no_chart and _importable("matplotlib"):
+        _chart(workloads, args.chart)
+        print(f"chart: {args.chart}")
+    return 0
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _report(workloads: list[Workload], w5: dict[str, Any], dask_row: dict[str, float] | None) -> str:
+    lines = []
+    for w in workloads:
+        med = {k: statistics.median(v) for k, v in w.times.items()}
+        loop = med["plain loop"]
+        lines.append(f"\n{w.name}: {w.title}" + (f"   (pickle dumps+loads of self, the copy-once floor: {w.floor:.3f}s)" if w.floor else ""))
+        lines.append(f"  {'method':32} {'median s':>10} {'x loop':>8} {'x pm best':>10} {'peak PSS MB':>12}")
+        best_pm = min(v for k, v in med.items() if k.startswith("pm "))
+        for k, v in sorted(med.items(), key=lambda kv: kv[1]):
+            star = "*" if k in w.extrapolated else " "
+            mem = f"{w.peak_mb[k]:12.0f}" if k in w.peak_mb else " " * 12
+            lines.append(f"  {k:31}{star} {v:10.3f} {v / loop:8.2f} {v / best_pm:10.2f} {mem}")
+    lines.append("\nW5 (same object, repeated calls):")
+    for k, v in w5.items():
+        lines.append(f"  {k:32} first {v['first']:.3f}s  later (median) {v['later_median']:.3f}s  ratio {v['later_median'] / v['first']:.2f}")
+    if dask_row:
+        ratio = dask_row["pm dask"] / dask_row["dask scatter + chunked map"]
+        lines.append(f"\nW3b on a {WORKERS}-worker LocalCluster: pm dask {dask_row['pm dask']:.3f}s vs dask scatter + chunked map {dask_row['dask scatter + chunked map']:.3f}s (ratio {ratio:.2f})")
+    lines.append("\n* run on a prefix of the items and extrapolated linearly (it pickles self per task)")
+    return "\n".join(lines)
+
+
+def _chart(workloads: list[Workload], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 5.5))
+    for ax, w in zip(axes, workloads):
+        med = {k: statistics.median(v) for k, v in w.times.items()}
+        names = sorted(med, key=lambda k: med[k])
+        colors = ["#2a7ab9" if n.startswith("pm ") else "#999999" for n in names]
+        ax.barh(range(len(names)), [med[n] for n in names], color=colors)
+        ax.set_yticks(range(len(names)), [n + ("*" if n in w.extrapolated else "") for n in names], fontsize=8)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds (log scale; lower is better)")
+        ax.set_title(f"{w.name}: {w.title}", fontsize=9)
+    fig.suptitle("parallelmethods (blue) vs the alternatives, 2 workers", fontsize=11)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
