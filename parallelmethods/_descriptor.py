@@ -15,7 +15,7 @@ import functools
 import importlib
 import inspect
 from types import GenericAlias, MethodType
-from typing import TYPE_CHECKING, Any, Callable, Concatenate, Generic, Iterable, Iterator, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, Concatenate, Generic, Iterable, Iterator, NamedTuple, ParamSpec, TypeVar, overload
 
 from ._options import UNSET, Options, split_options
 
@@ -375,18 +375,31 @@ def _check_iterable(obj: Any, where: str, position: str) -> Iterator[Any]:
         raise TypeError(msg) from None
 
 
-def _zip_items(iterables: tuple[Iterable[Any], ...], qualname: str, what: str) -> Iterator[tuple[Any, ...]]:
+class Items(NamedTuple):
+    """The input of a map: an iterator, and whether each element is a tuple of
+    arguments (``star``) or the single argument itself (one iterable: no
+    1-tuple per item to build, pickle and unpack)."""
+
+    iterator: Iterator[Any]
+    star: bool
+
+
+def _zip_items(iterables: tuple[Iterable[Any], ...], qualname: str, what: str) -> Items:
     where = f"{qualname}.{what}"
     if not iterables:
         msg = f"{where}() needs at least one iterable of items, e.g. {what}(range(10))"
         raise TypeError(msg)
     its = [_check_iterable(it, where, str(i + 1)) for i, it in enumerate(iterables)]
     if len(its) == 1:
-        return ((x,) for x in its[0])
-    return zip(*its)
+        return Items(its[0], star=False)
+    return Items(zip(*its), star=True)
 
 
-def _star_items(iterable: Iterable[Iterable[Any]], qualname: str) -> Iterator[tuple[Any, ...]]:
+def _star_items(iterable: Iterable[Iterable[Any]], qualname: str) -> Items:
+    return Items(_star_gen(iterable, qualname), star=True)
+
+
+def _star_gen(iterable: Iterable[Iterable[Any]], qualname: str) -> Iterator[tuple[Any, ...]]:
     where = f"{qualname}.starmap"
     it = _check_iterable(iterable, where, "1")
 

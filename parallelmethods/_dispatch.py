@@ -243,13 +243,15 @@ def _state_digest(subject: Any) -> str:
         return ""
 
 
-def _capture(index: int, exc: BaseException) -> RemoteError:
+def _capture(index: int, exc: BaseException, serialized: bool = True) -> RemoteError:
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     kept: BaseException | None = exc
+    if not serialized:
+        # Same process (threads): the exception object itself, traceback intact.
+        return RemoteError(index, kept, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), "")
     try:
         # Round trip now: an exception whose __init__ pickle cannot call must
-        # not explode later in the caller's result thread (joblib/loky#...
-        # "MyExceptionWithFinickyInit").
+        # not explode later in the caller (joblib's MyExceptionWithFinickyInit).
         loads_value(dumps_value(exc))
     except Exception:  # noqa: BLE001
         kept = None
@@ -269,7 +271,7 @@ def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool, 
     if serialized:
         spec = loads_value(spec)
         items = loads_value(items)
-    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations = spec
+    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations, star = spec
     subject = _subject_of(handle, blob)
     fn, lead = resolve_call(subject, kind, name, mro_index)
     if fixed_args or lead:
@@ -277,23 +279,30 @@ def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool, 
     before = _state_digest(subject) if check_mutations else ""
     results: list[Any] = []
     append = results.append
+    had_error = False
     index = first
-    for args in items:
+    for item in items:
         try:
-            append(fn(*lead, *args, **fixed_kwargs) if fixed_kwargs else fn(*lead, *args))
+            # Two call shapes: several iterables/starmap give tuples; one
+            # iterable gives the argument itself (the hot path of map).
+            if star:
+                append(fn(*lead, *item, **fixed_kwargs))
+            else:
+                append(fn(*lead, item, **fixed_kwargs))
         except Exception as exc:  # noqa: BLE001 - every method error travels back
-            append(_capture(index, exc))
+            append(_capture(index, exc, serialized))
+            had_error = True
             if on_error == "raise":
                 break
         index += 1
     mutated = bool(check_mutations) and _state_digest(subject) != before
-    out = (first, results, mutated)
+    out = (first, results, mutated, had_error)
     if not serialized:
         return out
     try:
         return dumps_value(out)
     except Exception:  # noqa: BLE001 - find which result cannot travel
-        return dumps_value((first, [_result_or_error(first + i, r) for i, r in enumerate(results)], mutated))
+        return dumps_value((first, [_result_or_error(first + i, r) for i, r in enumerate(results)], mutated, True))
 
 
 def _result_or_error(index: int, result: Any) -> Any:

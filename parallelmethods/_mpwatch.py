@@ -15,7 +15,8 @@ import itertools
 import threading
 from typing import Any
 
-from joblib._parallel_backends import MultiprocessingBackend
+from joblib._parallel_backends import FallbackToBackend, MultiprocessingBackend, SequentialBackend
+from joblib.pool import MemmappingPool
 
 __all__ = ["WatchedMultiprocessingBackend", "WorkerDied"]
 
@@ -41,8 +42,15 @@ class _Died:
 class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[misc]
     """``MultiprocessingBackend`` that fails fast instead of hanging on a dead worker."""
 
-    def configure(self, *args: Any, **kwargs: Any) -> int:
-        n_jobs = super().configure(*args, **kwargs)
+    def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None, require: Any = None, **pool_kwargs: Any) -> int:
+        # MultiprocessingBackend.configure (joblib 1.6), minus its gc.collect()
+        # before forking: with a large self (1M tuples) that costs ~60 ms per
+        # map and frees nothing we need, as the fork shares pages copy-on-write.
+        n_jobs = self.effective_n_jobs(n_jobs)
+        if n_jobs == 1:
+            raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        self._pool = MemmappingPool(n_jobs, **{**self.backend_kwargs, **pool_kwargs})
+        self.parallel = parallel
         self._pending: dict[int, Any] = {}
         self._keys = itertools.count()
         self._pending_lock = threading.Lock()

@@ -145,7 +145,7 @@ def _find_owner(bound: BoundParallelMethod[Any, Any]) -> tuple[str, int, type | 
     raise TypeError(msg)
 
 
-def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options) -> Plan:
+def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options, star: bool = True) -> Plan:
     """Decide backend, n_jobs and route; raises on bad input before any work."""
     opts = resolve(layer)
     backend, config_n_jobs = _active_backend(opts.backend)
@@ -186,7 +186,7 @@ def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options) -> Plan:
     else:
         label, exclude = f"{subject.__qualname__}.{name}", ()
     plan = Plan(opts, backend, backend_name, n_jobs, effective, route, subject, kind, name, mro_index, label, exclude)
-    plan.spec = (kind, name, mro_index, bound._args, bound._kwargs, opts.on_error, opts.check_mutations)
+    plan.spec = (kind, name, mro_index, bound._args, bound._kwargs, opts.on_error, opts.check_mutations, star)
     return plan
 
 
@@ -258,14 +258,14 @@ def _spec_payload(plan: Plan, serialized: bool) -> Any:
         raise serialization_error(plan.spec[3:5], e, what="the arguments fixed with .partial()") from e
 
 
-def _items_payload(first: int, items: list[tuple[Any, ...]], serialized: bool) -> Any:
+def _items_payload(first: int, items: list[Any], serialized: bool, star: bool) -> Any:
     if not serialized:
         return items
     try:
         return dumps_value(items)
     except Exception as e:  # noqa: BLE001 - name the item and argument
         for offset, args in enumerate(items):
-            for j, arg in enumerate(args):
+            for j, arg in enumerate(args if star else (args,)):
                 try:
                     dumps_value(arg)
                 except Exception as inner:  # noqa: BLE001
@@ -353,17 +353,17 @@ class _Executor:
         self.handle = shipment.handle
         self.blob = shipment.blob
         self.serialized = plan.route != "reference"
+        self.star = bool(plan.spec[-1])
         self.spec = _spec_payload(plan, self.serialized)
 
-    def run(self, chunks: list[tuple[int, list[tuple[Any, ...]]]], timeout: float | None) -> Iterator[tuple[int, list[Any], bool]]:
+    def run(self, chunks: list[tuple[int, list[Any]]], timeout: float | None) -> Iterator[tuple[int, list[Any], bool, bool]]:
         plan = self.plan
         dispatched: set[int] = set()
         completed: set[int] = set()
-        sizes = {first: len(items) for first, items in chunks}
 
         def tasks() -> Iterator[Any]:
             for first, items in chunks:
-                payload = _items_payload(first, items, self.serialized)
+                payload = _items_payload(first, items, self.serialized, self.star)
                 dispatched.add(first)
                 yield delayed(run_chunk)(self.handle, self.spec, first, payload, self.serialized, self.blob)
 
@@ -374,7 +374,7 @@ class _Executor:
             # "list" (multiprocessing) raises here; generators raise while iterated.
             outputs = parallel(tasks())
             for out in outputs:
-                decoded = self._decode(out, sizes)
+                decoded = self._decode(out)
                 completed.add(decoded[0])
                 yield decoded
         except ParallelMethodsError:
@@ -396,7 +396,7 @@ class _Executor:
                     warnings.filterwarnings("ignore", message=r".*(tasks which were still being processed|successfully executed  but not used)")
                     outputs.close()
 
-    def _decode(self, out: Any, sizes: dict[int, int]) -> tuple[int, list[Any], bool]:
+    def _decode(self, out: Any) -> tuple[int, list[Any], bool, bool]:
         if not self.serialized:
             return out  # type: ignore[no-any-return]
         try:
@@ -449,7 +449,7 @@ def _rebuild_error(plan: Plan, err: RemoteError) -> BaseException:
 
 
 class _Collector:
-    """Turns completed chunks into (index, value) pairs; handles errors, progress, mutations."""
+    """Turns completed chunks into result lists; handles errors, progress, mutations."""
 
     def __init__(self, plan: Plan, total: int | None) -> None:
         self.plan = plan
@@ -458,86 +458,82 @@ class _Collector:
 
         self.bar = make_bar(plan, total)
 
-    def accept(self, first: int, results: list[Any], mutated: bool) -> list[tuple[int, Any]]:
-        out = []
-        for offset, value in enumerate(results):
-            if isinstance(value, RemoteError):
-                exc = _rebuild_error(self.plan, value)
-                if self.plan.opts.on_error == "raise":
-                    raise exc
-                value = exc
-            out.append((first + offset, value))
+    def accept(self, first: int, results: list[Any], mutated: bool, had_error: bool) -> list[Any]:
+        if had_error:  # the worker says so: clean chunks skip this scan
+            for offset, value in enumerate(results):
+                if isinstance(value, RemoteError):
+                    exc = _rebuild_error(self.plan, value)
+                    if self.plan.opts.on_error == "raise":
+                        raise exc
+                    results[offset] = exc
         if mutated and not self.mutated and self.plan.route != "reference":
             self.mutated = True
             warnings.warn(
                 f"{self.plan.label} changed self in a worker process; that change is lost "
                 "(workers have copies). Return the new values instead, or use backend='threading'.",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
         if self.bar is not None:
             self.bar.update(len(results))
-        return out
+        return results
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _run_items(plan: Plan, executor: _Executor, collector: _Collector, start: int, items: list[tuple[Any, ...]], chunk_size: int) -> Iterator[tuple[int, Any]]:
-    """Run ``items`` (indices start..); recover from pool failures as the options say."""
+def _run_items(plan: Plan, executor: _Executor, collector: _Collector, start: int, items: list[Any], chunk_size: int) -> Iterator[tuple[int, list[Any]]]:
+    """Run ``items`` (indices ``start``...), yielding ``(first index, results)`` per chunk.
+
+    Recovery from pool failures (dead worker, timeout), when the options ask
+    for it: chunks never sent run again as they were; items that were in
+    flight run again one by one, alone ("isolation"), so that a second
+    failure is known to be that item's own and counts against ``retries``.
+    """
     timeout = plan.opts.timeout
-    pending: dict[int, tuple[Any, ...]] = {start + i: args for i, args in enumerate(items)}
     attempts: dict[int, int] = {}
     recover = plan.opts.on_error == "return" or plan.opts.retries > 0
-    chunks = _chunks(start, items, chunk_size)
-    suspects: list[int] = []
-    while chunks or suspects:
+    todo = _chunks(start, items, chunk_size)
+    suspects: list[tuple[int, Any]] = []
+    while todo or suspects:
         if suspects:
-            # Isolation: each item that was running when the pool died runs
-            # alone, so a second failure is known to be its own.
-            index = suspects.pop(0)
-            run_chunks = [(index, [pending[index]])]
+            index, item = suspects.pop(0)
+            run_chunks = [(index, [item])]
         else:
-            run_chunks, chunks = chunks, []
-        sizes = {first: len(c) for first, c in run_chunks}
+            run_chunks, todo = todo, []
+        unfinished = dict(run_chunks)
         try:
-            for first, results, mutated in executor.run(run_chunks, timeout):
-                for index, value in collector.accept(first, results, mutated):
-                    pending.pop(index, None)
-                    yield index, value
+            for first, results, mutated, had_error in executor.run(run_chunks, timeout):
+                del unfinished[first]
+                yield first, collector.accept(first, results, mutated, had_error)
         except _PoolFailure as failure:
-            lost = [i for first in failure.dispatched - failure.completed for i in range(first, first + sizes[first]) if i in pending]
-            error = _map_pool_error(plan, failure.error, lost)
+            lost = [(f + i, x) for f, c in unfinished.items() if f in failure.dispatched for i, x in enumerate(c)]
+            error = _map_pool_error(plan, failure.error, [i for i, _ in lost])
             if not recover:
                 raise error from failure.error
-            isolated = len(run_chunks) == 1 and sizes[run_chunks[0][0]] == 1
-            if isolated:
-                index = run_chunks[0][0]
+            if len(run_chunks) == 1 and len(run_chunks[0][1]) == 1:
+                index, item = run_chunks[0][0], run_chunks[0][1][0]
                 attempts[index] = attempts.get(index, 0) + 1
-                if attempts[index] > plan.opts.retries:
-                    if plan.opts.on_error == "raise":
-                        raise error from failure.error
+                if attempts[index] <= plan.opts.retries:
+                    suspects.insert(0, (index, item))
+                elif plan.opts.on_error == "raise":
+                    raise error from failure.error
+                else:
                     error.__cause__ = failure.error
                     add_note(error, f"parallelmethods: raised by {plan.label} on item {index}")
-                    pending.pop(index)
                     if collector.bar is not None:
                         collector.bar.update(1)
-                    yield index, error
-                else:
-                    suspects.insert(0, index)
+                    yield index, [error]
             else:
-                # Everything not finished is re-run: the dispatched ones alone
-                # (one may be the culprit), the rest in ordinary chunks again.
                 suspects.extend(lost)
-            never_sent = [i for first, c in run_chunks if first not in failure.dispatched for i in range(first, first + len(c)) if i in pending]
-            chunks = [(i, [pending[i]]) for i in never_sent] if never_sent else []
+            todo = [(f, c) for f, c in unfinished.items() if f not in failure.dispatched]
 
 
-def run_map(bound: BoundParallelMethod[Any, Any], layer: Options, items_iter: Iterator[tuple[Any, ...]]) -> list[Any]:
+def run_map(bound: BoundParallelMethod[Any, Any], layer: Options, items_in: Any) -> list[Any]:
     """``map``/``starmap``: materialize the input, run, return results in order."""
-    plan = plan_for(bound, layer)
-    items = list(items_iter)
+    plan = plan_for(bound, layer, star=items_in.star)
+    items = list(items_in.iterator)
     if not items:
         return []
     results: list[Any] = [None] * len(items)
@@ -545,20 +541,20 @@ def run_map(bound: BoundParallelMethod[Any, Any], layer: Options, items_iter: It
     try:
         with shipped(plan) as shipment:
             executor = _Executor(plan, shipment)
-            for index, value in _run_items(plan, executor, collector, 0, items, _auto_chunk(plan, len(items))):
-                results[index] = value
+            for first, values in _run_items(plan, executor, collector, 0, items, _auto_chunk(plan, len(items))):
+                results[first : first + len(values)] = values
     finally:
         collector.close()
     return results
 
 
-def run_imap(bound: BoundParallelMethod[Any, Any], layer: Options, items_iter: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
+def run_imap(bound: BoundParallelMethod[Any, Any], layer: Options, items_in: Any) -> Iterator[Any]:
     """``imap``: plan now (errors at the call), run lazily in bounded windows."""
-    plan = plan_for(bound, layer)
-    return _imap(plan, items_iter)
+    plan = plan_for(bound, layer, star=items_in.star)
+    return _imap(plan, items_in.iterator)
 
 
-def _imap(plan: Plan, items_iter: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
+def _imap(plan: Plan, items_iter: Iterator[Any]) -> Iterator[Any]:
     window_chunks = READAHEAD_PER_WORKER * max(1, plan.effective_n_jobs)
     chunk_size = plan.opts.batch_size if isinstance(plan.opts.batch_size, int) else 1
     collector = _Collector(plan, None)
@@ -567,21 +563,22 @@ def _imap(plan: Plan, items_iter: Iterator[tuple[Any, ...]]) -> Iterator[Any]:
             executor = _Executor(plan, shipment)
             start = 0
             while True:
-                window = [args for _, args in zip(range(window_chunks * chunk_size), items_iter)]
+                window = [x for _, x in zip(range(window_chunks * chunk_size), items_iter)]
                 if not window:
                     return
                 t0 = time.perf_counter()
                 if plan.opts.ordered:
-                    buffered: dict[int, Any] = {}
+                    buffered: dict[int, list[Any]] = {}
                     next_index = start
-                    for index, value in _run_items(plan, executor, collector, start, window, chunk_size):
-                        buffered[index] = value
+                    for first, values in _run_items(plan, executor, collector, start, window, chunk_size):
+                        buffered[first] = values
                         while next_index in buffered:
-                            yield buffered.pop(next_index)
-                            next_index += 1
+                            ready = buffered.pop(next_index)
+                            yield from ready
+                            next_index += len(ready)
                 else:
-                    for _, value in _run_items(plan, executor, collector, start, window, chunk_size):
-                        yield value
+                    for _, values in _run_items(plan, executor, collector, start, window, chunk_size):
+                        yield from values
                 start += len(window)
                 chunk_size = _grow_chunk(plan, chunk_size, time.perf_counter() - t0, window_chunks)
     finally:

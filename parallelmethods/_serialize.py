@@ -155,11 +155,40 @@ def _dump_with(pickler_cls: Callable[..., pickle.Pickler], obj: Any, exclude: tu
     return out.getvalue(), buffers
 
 
+def _plain_dump(obj: Any) -> tuple[bytes, list[memoryview]]:
+    """The C pickler with no Python hook (fastest), then a byte scan for __main__.
+
+    Why a scan: pickle writes ``__main__.Model`` by name and succeeds here,
+    but a worker whose ``__main__`` is not your script cannot resolve it. The
+    module name appears in the stream whenever such a reference was written;
+    a false positive (a string "__main__" in your data) only costs the
+    cloudpickle fallback. Local classes and lambdas make pickle fail anyway.
+    """
+    buffers: list[memoryview] = []
+
+    def keep(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < 1 << 16:
+            return True
+        buffers.append(raw)
+        return False
+
+    main = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=keep)
+    if b"__main__" in main:
+        raise _NeedsCloudpickle("it refers to classes or functions defined in __main__, which workers cannot import")
+    return main, buffers
+
+
 def dumps_state(obj: Any, *, exclude: tuple[str, ...] = (), what: str = "self", owner_name: str = "") -> Payload:
     """Serialize ``obj`` once: pickle, else cloudpickle, else SerializationError."""
     why = ""
     try:
-        main, buffers = _dump_with(_Pickler, obj, exclude)
+        if exclude:
+            # reducer_override (a Python call per non-builtin object) only
+            # when the root's state must be filtered.
+            main, buffers = _dump_with(_Pickler, obj, exclude)
+        else:
+            main, buffers = _plain_dump(obj)
         return Payload(main, tuple(buffers), _digest(main, buffers), "pickle", "", len(main) + sum(b.nbytes for b in buffers))
     except _NeedsCloudpickle as e:
         why = str(e)
