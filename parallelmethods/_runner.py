@@ -33,10 +33,11 @@ from joblib.parallel import get_active_backend
 
 from . import _dispatch
 from ._compat import add_note
-from ._dispatch import FileHandle, InlineHandle, LocalHandle, RemoteError, run_chunk
+from ._dispatch import RemoteError, run_chunk
 from ._mpwatch import WatchedMultiprocessingBackend, WorkerDied
 from ._options import Options, Resolved, resolve
-from ._serialize import Payload, dumps_state, dumps_value, loads_value, serialization_error
+from ._serialize import dumps_value, loads_value, serialization_error
+from ._transport import Shipment, shipped
 from .errors import ParallelMethodsError, SerializationError, WorkerCrashedError
 
 if TYPE_CHECKING:
@@ -188,65 +189,6 @@ def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options, star: bool = 
     plan = Plan(opts, backend, backend_name, n_jobs, effective, route, subject, kind, name, mro_index, label, exclude)
     plan.spec = (kind, name, mro_index, bound._args, bound._kwargs, opts.on_error, opts.check_mutations, star)
     return plan
-
-
-# ----------------------------------------------------------------------------
-# Shipping self.
-# ----------------------------------------------------------------------------
-
-
-def _shm_dir() -> str:
-    for candidate in ("/dev/shm", tempfile.gettempdir()):
-        if os.path.isdir(candidate) and os.access(candidate, os.W_OK):
-            return candidate
-    return tempfile.gettempdir()
-
-
-FILE_PREFIX = "parallelmethods-"
-
-
-@dataclass(frozen=True)
-class Shipment:
-    """The handle workers use to find ``self``, and (dask) the scattered bytes."""
-
-    handle: Any
-    blob: Any = None
-
-
-@contextlib.contextmanager
-def shipped(plan: Plan) -> Iterator[Shipment]:
-    """Make ``self`` reachable from workers for one call; clean up afterwards."""
-    if plan.route in ("reference", "fork"):
-        token = uuid.uuid4().hex
-        _dispatch.register_local(token, plan.subject)
-        try:
-            yield Shipment(LocalHandle(token, os.getpid(), plan.exclude if plan.route == "fork" else ()))
-        finally:
-            _dispatch.unregister_local(token)
-        return
-    payload = serialize_subject(plan)
-    if plan.route == "cluster":
-        from ._dask import scatter_payload
-
-        with scatter_payload(payload) as (handle, future):
-            yield Shipment(handle, future)
-        return
-    fd, path = tempfile.mkstemp(prefix=FILE_PREFIX, suffix=".pkl", dir=_shm_dir())
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload.main)
-            for buf in payload.buffers:
-                f.write(buf)
-        yield Shipment(FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers)))
-    finally:
-        # Workers that mapped the file keep their mapping; the name goes now.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-
-
-def serialize_subject(plan: Plan) -> Payload:
-    owner_name = type(plan.subject).__qualname__ if plan.kind == "method" else plan.label
-    return dumps_state(plan.subject, exclude=plan.exclude, what="self", owner_name=owner_name)
 
 
 def _spec_payload(plan: Plan, serialized: bool) -> Any:

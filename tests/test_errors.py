@@ -240,7 +240,9 @@ def _our_children() -> list[psutil.Process]:
 @pytest.mark.timeout(300)
 def test_soak_no_leaks(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
     """100 process maps with failures and crashes: no orphans, no files of ours left, bounded worker cache."""
-    from parallelmethods._runner import FILE_PREFIX
+    import gc
+
+    from parallelmethods._transport import FILE_PREFIX
 
     shm_before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
     f = F.Faulty()
@@ -267,9 +269,13 @@ def test_soak_no_leaks(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Non
     from parallelmethods import _dispatch
 
     assert max(Probe().cache.map(range(8), backend="loky", n_jobs=N)) <= _dispatch.CACHE_SIZE
-    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(FILE_PREFIX)] if os.path.isdir("/dev/shm") else []
+    # Payload files live as long as their objects (the unchanged-object shortcut), then go.
+    del f, m
+    gc.collect()
+    ours = f"{FILE_PREFIX}{os.getpid()}-"
+    leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(ours)] if os.path.isdir("/dev/shm") else []
     assert leftovers == []
-    assert [n for n in os.listdir(__import__("tempfile").gettempdir()) if n.startswith(FILE_PREFIX)] == []
+    assert [n for n in os.listdir(__import__("tempfile").gettempdir()) if n.startswith(ours)] == []
     # Only loky's reusable workers (and its resource tracker) may remain; multiprocessing pools are gone.
     from joblib.externals.loky import get_reusable_executor
 
@@ -280,4 +286,28 @@ def test_soak_no_leaks(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Non
     assert [p for p in _our_children() if "resource_tracker" not in " ".join(p.cmdline())] == []
     # joblib's own memmapping folders are removed by its resource tracker at exit; ours are gone now.
     new_shm = (set(os.listdir("/dev/shm")) - shm_before) if os.path.isdir("/dev/shm") else set()
-    assert {n for n in new_shm if n.startswith(FILE_PREFIX)} == set()
+    assert {n for n in new_shm if n.startswith(ours)} == set()
+
+
+def test_payload_files_go_with_their_objects() -> None:
+    """Concurrent maps on one object, then the object dies: none of its payload files remain."""
+    import gc
+
+    from parallelmethods._transport import FILE_PREFIX
+
+    ours = f"{FILE_PREFIX}{os.getpid()}-"
+
+    def files() -> set[str]:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(ours)} if os.path.isdir("/dev/shm") else set()
+
+    before = files()
+    m = M.Model(5)
+    threads = [threading.Thread(target=lambda: m.score.map(range(20), backend="loky", n_jobs=N)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(files() - before) <= 1  # at most the one kept for the live object
+    del m, threads
+    gc.collect()
+    assert files() - before == set()

@@ -1,0 +1,195 @@
+"""How ``self`` reaches the workers for one call: the route's handle.
+
+* ``reference`` / ``fork``: a token in ``_dispatch._REGISTRY`` (threads share
+  the object; forked workers inherit the registry filled before the fork).
+* ``file`` (loky): the payload in a file under /dev/shm, mapped by workers.
+  The file of an object's last state is kept while the object lives (at
+  most :data:`KEPT_FILES` objects, least recently used first out), so a
+  later call on an unchanged object skips pickling and writing: a fast
+  memo-less digest (:func:`~parallelmethods._serialize.fast_digest`) tells
+  that nothing changed, and warm workers already hold that state.
+* ``cluster`` (dask): the payload bytes scattered once per call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import collections
+import contextlib
+import os
+import tempfile
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from . import _dispatch
+from ._dispatch import FileHandle, LocalHandle
+from ._serialize import Payload, dumps_state, fast_digest, root_reduce
+
+if TYPE_CHECKING:
+    from ._runner import Plan
+
+__all__ = ["Shipment", "shipped", "serialize_subject", "FILE_PREFIX", "KEPT_FILES"]
+
+FILE_PREFIX = "parallelmethods-"
+#: Objects whose last payload file is kept between calls.
+KEPT_FILES = 4
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """The handle workers use to find ``self``, and (dask) the scattered bytes."""
+
+    handle: Any
+    blob: Any = None
+
+
+def _shm_dir() -> str:
+    for candidate in ("/dev/shm", tempfile.gettempdir()):
+        if os.path.isdir(candidate) and os.access(candidate, os.W_OK):
+            return candidate
+    return tempfile.gettempdir()
+
+
+def serialize_subject(plan: Plan, root_rv: Any = None) -> Payload:
+    owner_name = type(plan.subject).__qualname__ if plan.kind == "method" else plan.label
+    return dumps_state(plan.subject, exclude=plan.exclude, what="self", owner_name=owner_name, root_rv=root_rv)
+
+
+def _write(payload: Payload) -> FileHandle:
+    fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{os.getpid()}-", suffix=".pkl", dir=_shm_dir())
+    with os.fdopen(fd, "wb") as f:
+        f.write(payload.main)
+        for buf in payload.buffers:
+            f.write(buf)
+    return FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers))
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+@dataclass
+class _Kept:
+    ref: Any  # weakref to the object
+    quick: str  # fast_digest at the time it was shipped
+    exclude: tuple[str, ...]
+    handle: FileHandle
+    in_use: int = 0
+
+
+class _KeptFiles:
+    """The last payload file of up to KEPT_FILES live objects (LRU)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[int, _Kept] = collections.OrderedDict()
+
+    @contextlib.contextmanager
+    def handle_for(self, plan: Plan) -> Iterator[FileHandle]:
+        subject = plan.subject
+        rv = root_reduce(subject, plan.exclude)  # once per call, shared by both passes
+        quick = fast_digest(subject, rv)
+        key = id(subject)
+        entry = None
+        if quick is not None:
+            with self._lock:
+                found = self._entries.get(key)
+                if found is not None and found.ref() is subject and found.quick == quick and found.exclude == plan.exclude:
+                    entry = found
+                    entry.in_use += 1
+                    self._entries.move_to_end(key)
+        if entry is None:
+            handle = _write(serialize_subject(plan, rv))
+            entry = self._keep(subject, quick, plan.exclude, handle)
+        try:
+            yield entry.handle if entry is not None else handle
+        finally:
+            if entry is None:
+                _unlink(handle.path)
+            else:
+                with self._lock:
+                    entry.in_use -= 1
+                    # Replaced while in use (two threads shipped the same object
+                    # at once): the last user of the old file removes it.
+                    orphaned = entry.in_use == 0 and self._entries.get(key) is not entry
+                if orphaned:
+                    _unlink(entry.handle.path)
+                self._evict()
+
+    def _keep(self, subject: Any, quick: str | None, exclude: tuple[str, ...], handle: FileHandle) -> _Kept | None:
+        if quick is None or multiprocessing.parent_process() is not None:
+            # Worker processes (a map nested in a map) are killed without
+            # running atexit: they keep nothing that would outlive them.
+            return None
+        key, path = id(subject), handle.path
+
+        def on_collect(_ref: Any) -> None:  # the object is gone: so is its file
+            self._drop(key, path)
+
+        try:
+            ref = weakref.ref(subject, on_collect)
+        except TypeError:  # not weak-referenceable (__slots__ without __weakref__): no shortcut
+            return None
+        entry = _Kept(ref, quick, exclude, handle, in_use=1)
+        with self._lock:
+            old = self._entries.pop(id(subject), None)
+            self._entries[id(subject)] = entry
+        if old is not None and old.in_use == 0:
+            _unlink(old.handle.path)
+        return entry
+
+    def _drop(self, key: int, path: str) -> None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry.handle.path == path:
+                del self._entries[key]
+        _unlink(path)
+
+    def _evict(self) -> None:
+        doomed: list[str] = []
+        with self._lock:
+            for key in list(self._entries):
+                if len(self._entries) - len(doomed) <= KEPT_FILES:
+                    break
+                if self._entries[key].in_use == 0:
+                    doomed.append(self._entries.pop(key).handle.path)
+        for path in doomed:
+            _unlink(path)
+
+    def clear(self) -> None:
+        """Remove every kept file (at exit; also handy in tests)."""
+        with self._lock:
+            paths = [e.handle.path for e in self._entries.values()]
+            self._entries.clear()
+        for path in paths:
+            _unlink(path)
+
+
+KEPT = _KeptFiles()
+atexit.register(KEPT.clear)
+
+
+@contextlib.contextmanager
+def shipped(plan: Plan) -> Iterator[Shipment]:
+    """Make ``self`` reachable from workers for one call; clean up afterwards."""
+    if plan.route in ("reference", "fork"):
+        token = uuid.uuid4().hex
+        _dispatch.register_local(token, plan.subject)
+        try:
+            yield Shipment(LocalHandle(token, os.getpid(), plan.exclude if plan.route == "fork" else ()))
+        finally:
+            _dispatch.unregister_local(token)
+        return
+    if plan.route == "cluster":
+        from ._dask import scatter_payload
+
+        with scatter_payload(serialize_subject(plan)) as (handle, future):
+            yield Shipment(handle, future)
+        return
+    with KEPT.handle_for(plan) as file_handle:
+        yield Shipment(file_handle)
