@@ -229,15 +229,15 @@ class PeakPSS:
         return total
 
     def _run(self) -> None:
-        while not self._stop.wait(0.05):
+        while True:
             self.peak = max(self.peak, self._sample())
+            if self._stop.wait(0.01):
+                return
 
     def __enter__(self) -> PeakPSS:
-        import psutil
-
-        # Baseline: this process alone (it already holds self). Idle workers
-        # left by earlier methods count in the peak, never below zero.
-        self.base = psutil.Process().memory_full_info().pss
+        # Baseline: the tree before the run. The caller kills idle workers
+        # first, so this is this process alone, which already holds self.
+        self.base = self._sample()
         self._thread.start()
         return self
 
@@ -260,6 +260,7 @@ class Workload:
     extrapolated: dict[str, int] = field(default_factory=dict)
     peak_mb: dict[str, float] = field(default_factory=dict)
     floor: float | None = None
+    self_mb: float | None = None
 
 
 def _sizes(mode: str) -> dict[str, Any]:
@@ -290,21 +291,48 @@ def run_workload(w: Workload, repeats: int, budget: float, memory: bool) -> None
                 if n < len(items):
                     use = items[:n]
                     w.extrapolated[name] = n
-            if memory and name not in w.peak_mb:
-                mon: PeakPSS | None = PeakPSS().__enter__()
-            else:
-                mon = None
             t0 = time.perf_counter()
             got = fn(obj, use)
             elapsed = time.perf_counter() - t0
-            if mon is not None:
-                mon.__exit__()
-                w.peak_mb[name] = (mon.peak - mon.base) / 1e6
             if got != expected[: len(use)]:
                 msg = f"{w.name}/{name}: results differ from the plain loop"
                 raise AssertionError(msg)
             w.times.setdefault(name, []).append(elapsed * len(items) / len(use))
             print(f"  {w.name:4} {name:30} {elapsed:8.3f}s" + (f" (on {len(use)} items)" if len(use) < len(items) else ""), flush=True)
+    if memory:
+        # Separate, untimed runs: no idle workers at the start, so the peak
+        # counts every worker this method starts, and shared pages once (PSS).
+        w.self_mb = obj_size_mb(obj)
+        for name in w.methods:
+            if name == "plain loop":
+                continue
+            _kill_idle_workers()
+            use = items[: w.extrapolated.get(name, len(items))]
+            with PeakPSS() as mon:
+                METHODS[name](obj, use)
+                mon.peak = max(mon.peak, mon._sample())
+            w.peak_mb[name] = (mon.peak - mon.base) / 1e6
+        _kill_idle_workers()
+        _warm()  # the next timings must not pay worker start-up
+
+
+def _warm(names: list[str] | None = None) -> None:
+    """Start pools/executors outside the timings."""
+    warm = Squares()
+    for name in names or ["pm loky", "joblib module fn, no state"]:
+        assert METHODS[name](warm, [1, 2, 3, 4]) == [1, 4, 9, 16]
+
+
+def obj_size_mb(obj: Any) -> float:
+    sizes = [getattr(v, "nbytes", 0) for v in vars(obj).values()]
+    return max(sizes) / 1e6 if any(sizes) else len(pickle.dumps(obj, protocol=5)) / 1e6
+
+
+def _kill_idle_workers() -> None:
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True, kill_workers=True)
+    time.sleep(0.2)
 
 
 def run_w5(obj: Any, calls: int, n_items: int) -> dict[str, Any]:
@@ -379,9 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"parallelmethods benchmarks ({mode_name}), {WORKERS} workers, joblib {joblib.__version__}, Python {sys.version.split()[0]}")
     started = time.perf_counter()
-    warm = Squares()
-    for name in everything:  # start pools/executors once, outside the timings
-        assert METHODS[name](warm, [1, 2, 3, 4]) == [1, 4, 9, 16]
+    _warm(everything)
     for w in workloads:
         print(f"{w.name}: {w.title}", flush=True)
         run_workload(w, s["repeats"], s["budget"], memory=w.name.startswith("W3") and _importable("psutil"))
@@ -396,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(
             {
                 "mode": mode_name,
-                "workloads": {w.name: {"title": w.title, "median_s": {k: statistics.median(v) for k, v in w.times.items()}, "extrapolated_from": w.extrapolated, "peak_pss_mb": w.peak_mb, "copy_once_floor_s": w.floor} for w in workloads},
+                "workloads": {w.name: {"title": w.title, "median_s": {k: statistics.median(v) for k, v in w.times.items()}, "extrapolated_from": w.extrapolated, "extra_pss_mb": w.peak_mb, "self_mb": w.self_mb, "copy_once_floor_s": w.floor} for w in workloads},
                 "W5": w5,
                 "dask_W3b": dask_row,
             },
@@ -421,7 +447,9 @@ def _report(workloads: list[Workload], w5: dict[str, Any], dask_row: dict[str, f
         med = {k: statistics.median(v) for k, v in w.times.items()}
         loop = med["plain loop"]
         lines.append(f"\n{w.name}: {w.title}" + (f"   (pickle dumps+loads of self, the copy-once floor: {w.floor:.3f}s)" if w.floor else ""))
-        lines.append(f"  {'method':32} {'median s':>10} {'x loop':>8} {'x pm best':>10} {'peak PSS MB':>12}")
+        if w.self_mb:
+            lines.append(f"  (memory: extra PSS of the process tree over the caller alone; self's data is {w.self_mb:.0f} MB)")
+        lines.append(f"  {'method':32} {'median s':>10} {'x loop':>8} {'x pm best':>10} {'extra MB':>12}")
         best_pm = min(v for k, v in med.items() if k.startswith("pm "))
         for k, v in sorted(med.items(), key=lambda kv: kv[1]):
             star = "*" if k in w.extrapolated else " "
