@@ -58,25 +58,37 @@ class Squares:
         return i * i * self.k
 
 
-def _burn(seconds: float) -> int:
-    end = time.perf_counter() + seconds
-    n = 0
-    while time.perf_counter() < end:
-        n += 1
-    return n
+def _burn(iterations: int) -> int:
+    """A fixed amount of pure-Python CPU work (holds the GIL, unlike a sleep)."""
+    total = 0
+    for k in range(iterations):
+        total += k * k % 7
+    return total
+
+
+def calibrate(seconds: float) -> int:
+    """Iterations of :func:`_burn` that take about ``seconds`` here."""
+    n = 10_000
+    while True:
+        t0 = time.perf_counter()
+        _burn(n)
+        elapsed = time.perf_counter() - t0
+        if elapsed > 0.05:
+            return max(1, int(n * seconds / elapsed))
+        n *= 2
 
 
 class Busy:
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+        self.iterations = calibrate(seconds)
 
     @parallelizable
     def work(self, i: int) -> int:
-        _burn(self.seconds)
+        _burn(self.iterations)
         return i
 
     def plain(self, i: int) -> int:
-        _burn(self.seconds)
+        _burn(self.iterations)
         return i
 
 
@@ -280,7 +292,10 @@ def run_workload(w: Workload, repeats: int, budget: float, memory: bool) -> None
         blob = pickle.dumps(obj, protocol=5)
         pickle.loads(blob)
         w.floor = time.perf_counter() - t0
-    for _ in range(repeats):
+    for repeat in range(repeats):
+        # A new state each repeat: every timed call is a first call on that
+        # state (warm, unchanged-object calls are what W5 measures).
+        obj.epoch = repeat
         for name in w.methods:
             fn = METHODS[name]
             use = items
@@ -401,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     stateful = [m for m in everything if m != "joblib module fn, no state"]
     workloads = [
         Workload("W1", f"square(self, i) x {s['w1']:,}", Squares, s["w1"], everything),
-        Workload("W2", f"{s['w2_s'] * 1000:.0f} ms of Python per item x {s['w2_items']}", lambda: Busy(s["w2_s"]), s["w2_items"], [m for m in stateful if m != "pm threading"] + ["pm threading"]),
+        Workload("W2", f"~{s['w2_s'] * 1000:.0f} ms of pure-Python CPU per item x {s['w2_items']}", lambda: Busy(s["w2_s"]), s["w2_items"], [m for m in stateful if m != "pm threading"] + ["pm threading"]),
         Workload("W3a", f"self holds a {s['w3a'] * 8 / 1e6:.0f} MB float64 array, lookup x {s['w3_items']}", lambda: ArrayHolder(s["w3a"]), s["w3_items"], stateful),
         Workload("W3b", f"self holds a dict of {s['w3b']:,} keys, lookup x {s['w3_items']}", lambda: DictHolder(s["w3b"]), s["w3_items"], stateful),
     ]
@@ -472,7 +487,7 @@ def _chart(workloads: list[Workload], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 5.5))
-    for ax, w in zip(axes, workloads):
+    for ax, w in zip(axes, workloads, strict=True):
         med = {k: statistics.median(v) for k, v in w.times.items()}
         names = sorted(med, key=lambda k: med[k])
         colors = ["#2a7ab9" if n.startswith("pm ") else "#999999" for n in names]

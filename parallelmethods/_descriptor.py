@@ -17,7 +17,7 @@ import inspect
 from types import GenericAlias, MethodType
 from typing import TYPE_CHECKING, Any, Callable, Concatenate, Generic, Iterable, Iterator, NamedTuple, ParamSpec, TypeVar, overload
 
-from ._options import UNSET, Options, split_options
+from ._options import Options, split_options
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -392,7 +392,7 @@ def _zip_items(iterables: tuple[Iterable[Any], ...], qualname: str, what: str) -
     its = [_check_iterable(it, where, str(i + 1)) for i, it in enumerate(iterables)]
     if len(its) == 1:
         return Items(its[0], star=False)
-    return Items(zip(*its), star=True)
+    return Items(zip(*its, strict=False), star=True)  # stops at the shortest, like map()
 
 
 def _star_items(iterable: Iterable[Iterable[Any]], qualname: str) -> Items:

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._serialize import dumps_value, loads_value
+from .errors import SerializationError
 
 __all__ = ["run_chunk", "LocalHandle", "FileHandle", "InlineHandle", "RemoteError", "CACHE_SIZE"]
 
@@ -309,10 +310,12 @@ def _result_or_error(index: int, result: Any) -> Any:
     try:
         dumps_value(result)
     except Exception as exc:  # noqa: BLE001
-        err = TypeError(
-            f"the result of item {index} ({type(result).__module__}.{type(result).__qualname__}) "
-            f"cannot be pickled to send it back, even with cloudpickle: {exc}. "
-            "Return plain data, or use backend='threading'."
+        obj_type = f"{type(result).__module__}.{type(result).__qualname__}"
+        err = SerializationError(
+            f"the result of item {index} ({obj_type}) cannot be pickled to send it back, "
+            f"even with cloudpickle: {exc}. Return plain data, or use backend='threading'.",
+            path=f"result of item {index}",
+            obj_type=obj_type,
         )
         return _capture(index, err)
     return result

@@ -9,14 +9,10 @@ re-running items that were lost with a dead pool (``on_error="return"``,
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import math
 import multiprocessing
-import os
-import tempfile
-import threading
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
@@ -24,21 +20,19 @@ from typing import TYPE_CHECKING, Any, Iterator
 import joblib
 from joblib import Parallel, delayed
 from joblib._parallel_backends import (
-    LokyBackend,
     MultiprocessingBackend,
     SequentialBackend,
     ThreadingBackend,
 )
 from joblib.parallel import get_active_backend
 
-from . import _dispatch
 from ._compat import add_note
 from ._dispatch import RemoteError, run_chunk
 from ._mpwatch import WatchedMultiprocessingBackend, WorkerDied
 from ._options import Options, Resolved, resolve
 from ._serialize import dumps_value, loads_value, serialization_error
 from ._transport import Shipment, shipped
-from .errors import ParallelMethodsError, SerializationError, WorkerCrashedError
+from .errors import ParallelMethodsError, WorkerCrashedError
 
 if TYPE_CHECKING:
     from ._descriptor import BoundParallelMethod
@@ -505,7 +499,7 @@ def _imap(plan: Plan, items_iter: Iterator[Any]) -> Iterator[Any]:
             executor = _Executor(plan, shipment)
             start = 0
             while True:
-                window = [x for _, x in zip(range(window_chunks * chunk_size), items_iter)]
+                window = list(itertools.islice(items_iter, window_chunks * chunk_size))
                 if not window:
                     return
                 t0 = time.perf_counter()

@@ -30,7 +30,7 @@ CRASH_TABLE = [
     ("pickling self", lambda o, b: F.HoldsLock().f.map([1], backend=b, n_jobs=N), SerializationError, r"self\.lock \(_thread\.lock\)"),
     ("unpickling self in the worker", lambda o, b: F.UnpicklesBadly().f.map(range(4), backend=b, n_jobs=N), RuntimeError, "cannot be rebuilt here"),
     ("inside the method", lambda o, b: o.method_raises.map(range(10), backend=b, n_jobs=N), KeyError, "no 7"),
-    ("pickling the result", lambda o, b: o.result_unpicklable.map(range(3), backend=b, n_jobs=N), TypeError, "result of item 1"),
+    ("pickling the result", lambda o, b: o.result_unpicklable.map(range(3), backend=b, n_jobs=N), SerializationError, "result of item 1"),
     ("unpickling the result", lambda o, b: o.result_fails_in_caller.map(range(3), backend=b, n_jobs=N), ParallelMethodsError, "could not be rebuilt in the caller"),
     ("os._exit(1)", lambda o, b: o.exits.map(range(8), backend=b, n_jobs=N), WorkerCrashedError, r"exit code 1"),
     ("SIGKILL", lambda o, b: o.killed.map(range(8), backend=b, n_jobs=N), WorkerCrashedError, r"SIGKILL"),
@@ -302,7 +302,7 @@ def test_payload_files_go_with_their_objects() -> None:
 
     before = files()
     m = M.Model(5)
-    threads = [threading.Thread(target=lambda: m.score.map(range(20), backend="loky", n_jobs=N)) for _ in range(4)]
+    threads = [threading.Thread(target=m.score.map, args=(range(20),), kwargs={"backend": "loky", "n_jobs": N}) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
