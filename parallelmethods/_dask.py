@@ -19,7 +19,7 @@ __all__ = ["scatter_payload"]
 
 
 @contextlib.contextmanager
-def scatter_payload(payload: Payload) -> Iterator[tuple[InlineHandle, Any]]:
+def scatter_payload(payload: Payload, lineage: str = "") -> Iterator[tuple[InlineHandle, Any]]:
     """Scatter ``payload`` to the active client; release it afterwards."""
     from distributed import get_client
 
@@ -28,7 +28,7 @@ def scatter_payload(payload: Payload) -> Iterator[tuple[InlineHandle, Any]]:
     # broadcast: every worker needs the bytes, and a copy on each survives
     # the death of any one of them.
     future = client.scatter(blob, hash=False, broadcast=True)  # type: ignore[no-untyped-call,unused-ignore]
-    handle = InlineHandle(payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers))
+    handle = InlineHandle(payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers), lineage)
     try:
         yield handle, future
     finally:

@@ -168,18 +168,22 @@ def _dump_with(pickler_cls: Callable[..., pickle.Pickler], obj: Any, root_rv: An
     return out.getvalue(), buffers
 
 
-def dumps_state(obj: Any, *, exclude: tuple[str, ...] = (), what: str = "self", owner_name: str = "", root_rv: Any = None) -> Payload:
+def dumps_state(
+    obj: Any, *, exclude: tuple[str, ...] = (), what: str = "self", owner_name: str = "", root_rv: Any = None, digest: str | None = None
+) -> Payload:
     """Serialize ``obj`` once: pickle, else cloudpickle, else SerializationError.
 
     ``root_rv`` is the root's reduce value when the caller already took it
-    (:func:`root_reduce`); both passes below reuse it.
+    (:func:`root_reduce`); both passes below reuse it. ``digest``, when the
+    caller has a content digest already (:func:`fast_digest`), is used as the
+    cache key instead of hashing the stream again.
     """
     if root_rv is None:
         root_rv = root_reduce(obj, exclude)
     why = ""
     try:
         main, buffers = _dump_with(_Pickler, obj, root_rv)
-        return Payload(main, tuple(buffers), _digest(main, buffers), "pickle", "", len(main) + sum(b.nbytes for b in buffers))
+        return Payload(main, tuple(buffers), digest or _digest(main, buffers), "pickle", "", len(main) + sum(b.nbytes for b in buffers))
     except _NeedsCloudpickle as e:
         why = str(e)
     except RecursionError as e:  # as cloudpickle's Pickler.dump does
@@ -190,7 +194,7 @@ def dumps_state(obj: Any, *, exclude: tuple[str, ...] = (), what: str = "self", 
         main, buffers = _dump_with(_CloudPickler, obj, root_rv)
     except Exception as e:  # noqa: BLE001
         raise serialization_error(obj, e, what=what, exclude=exclude, owner_name=owner_name) from e
-    return Payload(main, tuple(buffers), _digest(main, buffers), "cloudpickle", why, len(main) + sum(b.nbytes for b in buffers))
+    return Payload(main, tuple(buffers), digest or _digest(main, buffers), "cloudpickle", why, len(main) + sum(b.nbytes for b in buffers))
 
 
 class _DigestPickler(pickle.Pickler):

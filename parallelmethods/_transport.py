@@ -54,18 +54,23 @@ def _shm_dir() -> str:
     return tempfile.gettempdir()
 
 
-def serialize_subject(plan: Plan, root_rv: Any = None) -> Payload:
+def serialize_subject(plan: Plan, root_rv: Any = None, digest: str | None = None) -> Payload:
     owner_name = type(plan.subject).__qualname__ if plan.kind == "method" else plan.label
-    return dumps_state(plan.subject, exclude=plan.exclude, what="self", owner_name=owner_name, root_rv=root_rv)
+    return dumps_state(plan.subject, exclude=plan.exclude, what="self", owner_name=owner_name, root_rv=root_rv, digest=digest)
 
 
-def _write(payload: Payload) -> FileHandle:
+def _write(payload: Payload, lineage: str = "") -> FileHandle:
     fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{os.getpid()}-", suffix=".pkl", dir=_shm_dir())
     with os.fdopen(fd, "wb") as f:
         f.write(payload.main)
         for buf in payload.buffers:
             f.write(buf)
-    return FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers))
+    return FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers), lineage)
+
+
+def lineage_of(subject: Any) -> str:
+    """Which caller object a state belongs to, so workers can drop its old states."""
+    return f"{os.getpid()}:{id(subject)}"
 
 
 def _unlink(path: str) -> None:
@@ -104,7 +109,7 @@ class _KeptFiles:
                     entry.in_use += 1
                     self._entries.move_to_end(key)
         if entry is None:
-            handle = _write(serialize_subject(plan, rv))
+            handle = _write(serialize_subject(plan, rv, quick), lineage_of(subject))
             entry = self._keep(subject, quick, plan.exclude, handle)
         try:
             yield entry.handle if entry is not None else handle
@@ -188,7 +193,7 @@ def shipped(plan: Plan) -> Iterator[Shipment]:
     if plan.route == "cluster":
         from ._dask import scatter_payload
 
-        with scatter_payload(serialize_subject(plan)) as (handle, future):
+        with scatter_payload(serialize_subject(plan), lineage_of(plan.subject)) as (handle, future):
             yield Shipment(handle, future)
         return
     with KEPT.handle_for(plan) as file_handle:

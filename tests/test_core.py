@@ -280,3 +280,40 @@ def test_numpy_array_is_mapped_not_copied() -> None:
     out = Holder().probe.map([0, 10, 999_999], backend="loky", n_jobs=N)
     assert [v for v, _ in out] == [0.0, 10.0, 999_999.0]
     assert not any(w for _, w in out)
+
+
+class CacheProbe:
+    @parallelizable
+    def states(self, x: int) -> int:
+        import time
+
+        from parallelmethods import _dispatch as d
+
+        time.sleep(0.05)
+        return len(d.cache_info()["digests"])
+
+
+def test_changed_object_replaces_its_old_state_in_workers() -> None:
+    """A mutated object's superseded states are dropped from worker caches, not piled up."""
+    m = M.Model(0)
+    for w in range(5):
+        m.w = w
+        assert m.read_w.map(range(8), backend="loky", n_jobs=N) == [w] * 8
+    # Each worker holds at most: m's current state + the probe's own state (+ states of other tests' objects).
+    from parallelmethods import _dispatch
+
+    held = CacheProbe().states.map(range(4), backend="loky", n_jobs=N)
+    assert max(held) <= _dispatch.CACHE_SIZE
+    lineages = CacheProbe().states.partial().map(range(2), backend="loky", n_jobs=N)
+    assert max(lineages) <= _dispatch.CACHE_SIZE
+
+
+def test_unchanged_object_is_not_pickled_again(counts_dir: str) -> None:
+    """A second map over an unchanged object reuses what workers hold: no new unpickling in workers."""
+    obj = M.Counted(list(range(100)), counts_dir)
+    obj.get.map(range(40), backend="loky", n_jobs=N)
+    first = _lines(os.path.join(counts_dir, "unpickled"))
+    obj.get.map(range(40), backend="loky", n_jobs=N)
+    assert _lines(os.path.join(counts_dir, "unpickled")) == first
+    obj.payload.append(1)  # a change is seen
+    assert obj.get.map([0], backend="loky", n_jobs=N) == [101]
