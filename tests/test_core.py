@@ -295,17 +295,16 @@ class CacheProbe:
 
 def test_changed_object_replaces_its_old_state_in_workers() -> None:
     """A mutated object's superseded states are dropped from worker caches, not piled up."""
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor().shutdown(wait=True, kill_workers=True)  # start from empty caches
     m = M.Model(0)
     for w in range(5):
         m.w = w
         assert m.read_w.map(range(8), backend="loky", n_jobs=N) == [w] * 8
-    # Each worker holds at most: m's current state + the probe's own state (+ states of other tests' objects).
-    from parallelmethods import _dispatch
-
-    held = CacheProbe().states.map(range(4), backend="loky", n_jobs=N)
-    assert max(held) <= _dispatch.CACHE_SIZE
-    lineages = CacheProbe().states.partial().map(range(2), backend="loky", n_jobs=N)
-    assert max(lineages) <= _dispatch.CACHE_SIZE
+    # Each worker now holds m's current state and the probe's own: 2, not 4 (LRU full of m's old states).
+    held = CacheProbe().states.map(range(4), backend="loky", n_jobs=N, batch_size=1)
+    assert max(held) <= 2
 
 
 def test_unchanged_object_is_not_pickled_again(counts_dir: str) -> None:
