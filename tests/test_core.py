@@ -310,9 +310,11 @@ def test_changed_object_replaces_its_old_state_in_workers() -> None:
 def test_unchanged_object_is_not_pickled_again(counts_dir: str) -> None:
     """A second map over an unchanged object reuses what workers hold: no new unpickling in workers."""
     obj = M.Counted(list(range(100)), counts_dir)
-    obj.get.map(range(40), backend="loky", n_jobs=N)
-    first = _lines(os.path.join(counts_dir, "unpickled"))
-    obj.get.map(range(40), backend="loky", n_jobs=N)
-    assert _lines(os.path.join(counts_dir, "unpickled")) == first
+    for _ in range(3):
+        obj.get.map(range(40), backend="loky", n_jobs=N)
+    unpickled = _lines(os.path.join(counts_dir, "unpickled"))
+    # At most once per worker for this state, however many maps ran
+    # (a worker that got no chunk in the first map may load it in a later one).
+    assert 1 <= len(unpickled) <= N and len(set(unpickled)) == len(unpickled)
     obj.payload.append(1)  # a change is seen
     assert obj.get.map([0], backend="loky", n_jobs=N) == [101]
