@@ -110,3 +110,21 @@ def test_killed_worker(client: object) -> None:
         Killer().f.map(range(8), backend="dask", batch_size=1)
     client.wait_for_workers(2, timeout=60)  # type: ignore[attr-defined]
     assert M.Model(1).score.map(range(4), backend="dask") == [0, 1, 2, 3]
+
+
+def test_timeout_and_progress_on_dask(client: object, capsys: pytest.CaptureFixture[str]) -> None:
+    """timeout raises TimeoutError and progress counts items, as on local backends."""
+
+    class Slow:
+        @parallelizable
+        def f(self, x: int) -> int:
+            if x == 2:
+                time.sleep(8)
+            return x
+
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        Slow().f.map(range(4), backend="dask", timeout=1)
+    assert time.monotonic() - t0 < 6
+    M.Model(1).score.map(range(23), backend="dask", progress=True)
+    assert "23/23" in capsys.readouterr().err

@@ -311,3 +311,23 @@ def test_payload_files_go_with_their_objects() -> None:
     del m, threads
     gc.collect()
     assert files() - before == set()
+
+
+def test_threading_timeout_raises_and_thread_finishes_in_background() -> None:
+    """With threading, timeout raises TimeoutError near the limit; the thread is left to finish."""
+    done = threading.Event()
+
+    class Slow:
+        @parallelizable
+        def f(self, x: int) -> int:
+            if x == 1:
+                time.sleep(3)
+                done.set()
+            return x
+
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="cannot be stopped"):
+        Slow().f.map(range(3), backend="threading", n_jobs=N, timeout=0.5)
+    assert time.monotonic() - t0 < 2.5
+    assert done.wait(10)  # the thread finished on its own
+    _next_map_works("threading")
