@@ -5,9 +5,10 @@ Data flow for ``m.score.map(xs, n_jobs=2)``::
   caller process                                              worker (loky / fork / thread / dask)
   ──────────────────────────────────────────────              ─────────────────────────────────────────
   BoundParallelMethod.map                 [_descriptor]
-    └─ Runner.run                         [_runner]
-        1 options merged + validated, input materialized
-        2 route for self, decided by the backend class:
+    └─ run_map                            [_runner]
+        1 options merged + validated; backend, n_jobs
+          and the route for self decided    [_options, _plan]
+        2 self made reachable, once per call [_transport]
             threading, sequential, n_jobs=1 ─► LocalHandle(token): self stays in
                  this process, looked up in _REGISTRY (no copy, no pickle)
             multiprocessing + fork ─────────► LocalHandle(token): _REGISTRY is
@@ -16,23 +17,26 @@ Data flow for ``m.score.map(xs, n_jobs=2)``::
             loky (and any other local
             process backend) ───────────────► FileHandle: self pickled ONCE per
                  call into a file in /dev/shm: pickle stream + out-of-band
-                 buffers (numpy arrays), keyed by sha256 digest
-            dask ───────────────────────────► InlineHandle: the same bytes,
-                 scattered to the cluster once as a Future
-        3 items cut into chunks; each chunk pickled once (args fallback to
+                 buffers (numpy arrays); an unchanged object reuses its file
+            dask ───────────────────────────► InlineHandle + the bytes,
+                 scattered to the cluster once as a Future   [_dask]
+        3 items cut into chunks; each chunk pickled once (args fall back to
           cloudpickle) and sent as one joblib task:
-            delayed(run_chunk)(handle, spec_blob, first_index, items_blob)
-        4 joblib.Parallel(batch_size=1, return_as=generator_unordered|list) ─────► 5 run_chunk:
-                                                                                    self = _REGISTRY[token]
-                                                                                      or _CACHE[digest]
-                                                                                      or mmap+unpickle (+ __parallel_init__)
-                                                                                    fn = raw function from spec
-                                                                                    for i, args in chunk:
-                                                                                      try fn(self, *fixed, *args)
-                                                                                      except -> RemoteError(i, ...)
-        6 ◄──────────────────────────────────── bytes of (first, results, mutated)  return dumps(results)
-          results placed by index; RemoteError re-raised with its own type and a
-          note naming the item; crashes/timeouts mapped to our errors [_runner]
+            delayed(run_chunk)(handle, spec, first_index, items, serialized, blob)
+        4 joblib.Parallel(batch_size=1,
+            return_as=generator_unordered | list)  ──────────────────────► 5 run_chunk:
+                                                                          self = _REGISTRY[token]
+                                                                            or _CACHE[digest]
+                                                                            or mmap + unpickle
+                                                                               (+ __parallel_init__)
+                                                                          fn = raw function from spec
+                                                                          for i, item in chunk:
+                                                                            try fn(self, *fixed, item)
+                                                                            except -> RemoteError(i, ...)
+        6 ◄──────────────────────────── bytes of (first, results, mutated, had_error)
+          results placed by index; a RemoteError is re-raised with its own type
+          and a note naming the item; dead workers and timeouts become
+          WorkerCrashedError / TimeoutError, or are re-run  [_runner]
 
 Why a file and not the task arguments for loky: loky re-pickles every task's
 arguments, so a 50 MB ``self`` inside the task would travel once per chunk.

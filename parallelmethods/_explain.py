@@ -112,7 +112,7 @@ def explain(method: Any, /, **options: Any) -> Explanation:
 
 
 def explain_bound(bound: Any, layer: Options) -> Explanation:
-    from ._runner import plan_for
+    from ._plan import plan_for
 
     plan = plan_for(bound, layer)
     subject = plan.subject

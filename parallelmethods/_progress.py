@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._runner import Plan
+    from ._plan import Plan
 
 
 def make_bar(plan: Plan, total: int | None) -> Any:

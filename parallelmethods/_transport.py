@@ -30,7 +30,7 @@ from ._dispatch import FileHandle, LocalHandle
 from ._serialize import Payload, dumps_state, fast_digest, root_reduce
 
 if TYPE_CHECKING:
-    from ._runner import Plan
+    from ._plan import Plan
 
 __all__ = ["Shipment", "shipped", "serialize_subject", "FILE_PREFIX", "KEPT_FILES"]
 
