@@ -57,14 +57,23 @@ def _by_reference_impossible(obj: Any) -> str | None:
     return None
 
 
-class _Pickler(pickle.Pickler):
-    """stdlib pickler that gives up on what only cloudpickle can carry, and
-    writes the root from a reduce value taken once (see :func:`root_reduce`)."""
+class _RootPickler(pickle.Pickler):
+    """stdlib pickler that writes the root from a reduce value taken once
+    per map (see :func:`root_reduce`); used as is for digests."""
 
     def __init__(self, file: io.BytesIO, root: Any, root_rv: Any, buffer_callback: Any) -> None:
         super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
         self._root = root
         self._root_rv = root_rv
+
+    def reducer_override(self, obj: Any) -> Any:
+        if obj is self._root and self._root_rv is not None:
+            return self._root_rv
+        return NotImplemented
+
+
+class _Pickler(_RootPickler):
+    """The shipping pickler: also gives up on what only cloudpickle can carry."""
 
     def reducer_override(self, obj: Any) -> Any:
         # Called for every object except exact int/float/str/bytes/dict/list/
@@ -74,9 +83,7 @@ class _Pickler(pickle.Pickler):
             if why is not None:
                 raise _NeedsCloudpickle(why)
             return NotImplemented
-        if obj is self._root and self._root_rv is not None:
-            return self._root_rv
-        return NotImplemented
+        return super().reducer_override(obj)
 
 
 class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
@@ -197,20 +204,6 @@ def dumps_state(
     return Payload(main, tuple(buffers), digest or _digest(main, buffers), "cloudpickle", why, len(main) + sum(b.nbytes for b in buffers))
 
 
-class _DigestPickler(pickle.Pickler):
-    """Fast-mode pickler for change detection only (see :func:`fast_digest`)."""
-
-    def __init__(self, file: io.BytesIO, root: Any, root_rv: Any, buffer_callback: Any) -> None:
-        super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
-        self._root = root
-        self._root_rv = root_rv
-
-    def reducer_override(self, obj: Any) -> Any:
-        if obj is self._root and self._root_rv is not None:
-            return self._root_rv
-        return NotImplemented
-
-
 def fast_digest(obj: Any, root_rv: Any) -> str | None:
     """A content digest of ``obj`` from a memo-less ("fast mode") pickle, or None.
 
@@ -230,7 +223,7 @@ def fast_digest(obj: Any, root_rv: Any) -> str | None:
         return False
 
     try:
-        pickler = _DigestPickler(out, obj, root_rv, keep)
+        pickler = _RootPickler(out, obj, root_rv, keep)
         pickler.fast = True  # type: ignore[attr-defined]
         pickler.dump(obj)
     except Exception:  # noqa: BLE001 - cyclic, local classes, lambdas...: no shortcut
