@@ -143,18 +143,17 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
                 path, culprit = found if found is not None else (f"self{suffix}", child)
                 problems.append(Problem(path, _type_name(culprit), describe_path_fix(path, what="self", owner_name=owner)))
         largest.sort(key=lambda kv: -kv[1])
-    if plan.route in ("reference", "fork"):
-        serializer_shown = None if plan.route == "fork" or plan.kind == "function" else None
-    else:
-        serializer_shown = serializer
+    # The size and problems are reported on every route (they matter as soon
+    # as you switch backend); a serializer only where self is serialized.
+    serialized = plan.route not in ("reference", "fork")
     return Explanation(
         method=plan.label,
         backend=plan.backend_name,
         n_jobs=plan.n_jobs,
         route=plan.route,
         route_text=_ROUTES[plan.route],
-        serializer=serializer_shown if plan.route not in ("reference", "fork") else None,
-        serializer_reason=reason if plan.route not in ("reference", "fork") else "",
+        serializer=serializer if serialized else None,
+        serializer_reason=reason if serialized else "",
         size_bytes=size,
         largest_attributes=tuple(largest[:5]),
         excluded=plan.exclude,

@@ -318,3 +318,15 @@ def test_unchanged_object_is_not_pickled_again(counts_dir: str) -> None:
     assert 1 <= len(unpickled) <= N and len(set(unpickled)) == len(unpickled)
     obj.payload.append(1)  # a change is seen
     assert obj.get.map([0], backend="loky", n_jobs=N) == [101]
+
+
+def test_decorated_objects_pickle_by_reference() -> None:
+    """Decorated functions and bound methods pickle (by reference) and still work after a round trip."""
+    import pickle
+
+    assert pickle.loads(pickle.dumps(M.square)) is M.square
+    m = M.Model(4)
+    bound = pickle.loads(pickle.dumps(m.score.partial(y=1)))
+    assert bound(2) == 9 and bound.map([1, 2], backend="threading") == [5, 9]
+    # And joblib's own delayed() accepts them, as users may mix both.
+    assert joblib.Parallel(n_jobs=2)(joblib.delayed(m.score)(i) for i in range(3)) == [0, 4, 8]
