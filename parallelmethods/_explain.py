@@ -121,15 +121,14 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
     size: int | None = None
     problems: list[Problem] = []
     owner = type(subject).__qualname__ if plan.kind == "method" else plan.label
-    if plan.kind != "function":
-        try:
-            payload = dumps_state(subject, exclude=plan.exclude, what="self", owner_name=owner)
-            serializer, reason, size = payload.via, payload.why, payload.nbytes
-            if serializer == "pickle":
-                reason = "every class and function in it can be imported by name in a worker"
-        except SerializationError:
-            serializer = None
-            reason = "neither pickle nor cloudpickle can serialize it"
+    try:
+        payload = dumps_state(subject, exclude=plan.exclude, what="self", owner_name=owner)
+        serializer, reason, size = payload.via, payload.why, payload.nbytes
+        if serializer == "pickle":
+            reason = "every class and function in it can be imported by name in a worker"
+    except SerializationError:
+        serializer = None
+        reason = "neither pickle nor cloudpickle can serialize it"
     largest: list[tuple[str, int]] = []
     if plan.kind == "method":
         for suffix, child in _children(subject):
