@@ -331,3 +331,58 @@ def test_threading_timeout_raises_and_thread_finishes_in_background() -> None:
     assert time.monotonic() - t0 < 2.5
     assert done.wait(10)  # the thread finished on its own
     _next_map_works("threading")
+
+
+class _Inner:
+    def __init__(self) -> None:
+        self.handle = threading.Lock()
+
+
+class _NestedHolder:
+    def __init__(self) -> None:
+        self.inner = _Inner()
+
+    @parallelizable
+    def f(self, x: int) -> int:
+        return x
+
+
+class _SlotsHolder:
+    __slots__ = ("name", "guard")
+
+    def __init__(self) -> None:
+        self.name = "x"
+        self.guard = threading.Lock()
+
+    @parallelizable
+    def f(self, x: int) -> int:
+        return x
+
+
+@pytest.mark.parametrize(("obj", "path"), [(_NestedHolder(), r"self\.inner\.handle \(_thread\.lock\)"), (_SlotsHolder(), r"self\.guard \(_thread\.lock\)")])
+def test_serialization_error_paths(obj: object, path: str) -> None:
+    """Nested attributes and __slots__ attributes are named by their path."""
+    with pytest.raises(SerializationError, match=path):
+        obj.f.map([1], backend="loky", n_jobs=N)  # type: ignore[attr-defined]
+
+
+def test_without_dask_installed_backend_dask_says_what_to_install(tmp_path: object) -> None:
+    """Without dask.distributed the library works, and backend='dask' names the extra to install."""
+    script = os.path.join(str(tmp_path), "nodask.py")
+    with open(script, "w") as f:
+        f.write(
+            "import sys\n"
+            "sys.modules['distributed'] = None  # as if not installed\n"
+            "from parallelmethods import parallelizable\n"
+            "@parallelizable\n"
+            "def sq(x): return x * x\n"
+            "assert sq.map([1, 2], backend='threading') == [1, 4]\n"
+            "try:\n"
+            "    sq.map([1], backend='dask')\n"
+            "except ImportError as e:\n"
+            "    print('IMPORTERROR', e)\n"
+        )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "IMPORTERROR" in out.stdout and "parallelmethods[dask]" in out.stdout
