@@ -91,7 +91,10 @@ class _KeptFiles:
     """The last payload file of up to KEPT_FILES live objects (LRU)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Reentrant: the weakref callback (_drop) runs whenever the GC collects
+        # an object, which can happen at any allocation, including inside our
+        # own critical sections on this thread.
+        self._lock = threading.RLock()
         self._entries: collections.OrderedDict[int, _Kept] = collections.OrderedDict()
 
     @contextlib.contextmanager
@@ -159,7 +162,7 @@ class _KeptFiles:
         doomed: list[str] = []
         with self._lock:
             for key in list(self._entries):
-                if len(self._entries) - len(doomed) <= KEPT_FILES:
+                if len(self._entries) <= KEPT_FILES:
                     break
                 if self._entries[key].in_use == 0:
                     doomed.append(self._entries.pop(key).handle.path)

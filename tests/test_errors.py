@@ -386,3 +386,16 @@ def test_without_dask_installed_backend_dask_says_what_to_install(tmp_path: obje
     out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     assert "IMPORTERROR" in out.stdout and "parallelmethods[dask]" in out.stdout
+
+
+def test_kept_payload_files_are_bounded() -> None:
+    """At most KEPT_FILES live objects keep a payload file between calls."""
+    from parallelmethods._transport import FILE_PREFIX, KEPT_FILES
+
+    ours = f"{FILE_PREFIX}{os.getpid()}-"
+    before = {n for n in os.listdir("/dev/shm") if n.startswith(ours)} if os.path.isdir("/dev/shm") else set()
+    alive = [M.Model(i) for i in range(KEPT_FILES + 3)]
+    for m in alive:
+        assert m.score.map([1], backend="loky", n_jobs=N) == [m.w]
+    now = {n for n in os.listdir("/dev/shm") if n.startswith(ours)} if os.path.isdir("/dev/shm") else set()
+    assert len(now - before) <= KEPT_FILES
