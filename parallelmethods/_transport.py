@@ -25,6 +25,8 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
+from joblib.externals.loky.backend import resource_tracker
+
 from . import _dispatch
 from ._dispatch import FileHandle, LocalHandle
 from ._serialize import Payload, dumps_state, fast_digest, root_reduce
@@ -61,6 +63,10 @@ def serialize_subject(plan: Plan, root_rv: Any = None, digest: str | None = None
 
 def _write(payload: Payload, lineage: str = "") -> FileHandle:
     fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{os.getpid()}-", suffix=".pkl", dir=_shm_dir())
+    # Why the resource tracker: if this process is killed (SIGKILL, SIGTERM,
+    # the OOM killer), atexit never runs; loky's tracker process, which
+    # joblib uses for its own memmaps, then unlinks the file.
+    resource_tracker.register(path, "file")
     with os.fdopen(fd, "wb") as f:
         f.write(payload.main)
         for buf in payload.buffers:
@@ -74,8 +80,14 @@ def lineage_of(subject: Any) -> str:
 
 
 def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        return  # someone else removed (and unregistered) it
+    # Exactly once per file, by whoever removed it: the tracker treats an
+    # unknown name as an error.
+    with contextlib.suppress(Exception):  # at interpreter exit the tracker may be gone
+        resource_tracker.unregister(path, "file")
 
 
 @dataclass

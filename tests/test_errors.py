@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -399,3 +400,36 @@ def test_kept_payload_files_are_bounded() -> None:
         assert m.score.map([1], backend="loky", n_jobs=N) == [m.w]
     now = {n for n in os.listdir("/dev/shm") if n.startswith(ours)} if os.path.isdir("/dev/shm") else set()
     assert len(now - before) <= KEPT_FILES
+
+
+def test_killed_caller_leaves_no_payload_file(tmp_path: object) -> None:
+    """A caller killed with SIGKILL (no atexit) still leaves no payload file: loky's tracker removes it."""
+    from parallelmethods._transport import FILE_PREFIX
+
+    script = os.path.join(str(tmp_path), "killed.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(script, "w") as f:
+        f.write(
+            f"import sys, time\nsys.path.insert(0, {root!r})\n"
+            "from tests._models import Model\n"
+            "m = Model(3)\n"
+            "assert m.score.map(range(4), backend='loky', n_jobs=2) == [0, 3, 6, 9]\n"
+            "print('READY', flush=True)\n"
+            "time.sleep(60)\n"
+        )
+    proc = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "READY"
+    ours = f"{FILE_PREFIX}{proc.pid}-"
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(ours)], "the live object's file should be kept"
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+    proc.kill()
+    proc.wait(10)
+    # loky's orphaned workers would exit at their idle timeout (300 s); end them now.
+    for w in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            w.kill()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and [n for n in os.listdir("/dev/shm") if n.startswith(ours)]:
+        time.sleep(0.2)
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(ours)] == []
