@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 PY_3_11_PLUS = sys.version_info >= (3, 11)
-PY_3_13_PLUS = sys.version_info >= (3, 13)
 
 
 def add_note(exc: BaseException, note: str) -> None:

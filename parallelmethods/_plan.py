@@ -95,20 +95,20 @@ def _require_dask_client() -> None:
         raise ValueError(msg) from None
 
 
-def _find_owner(bound: BoundParallelMethod[Any, Any]) -> tuple[str, int, type | None]:
-    """(attribute name, index in the MRO of the class that holds this descriptor, that class)."""
+def _find_owner(bound: BoundParallelMethod[Any, Any]) -> tuple[str, int]:
+    """(attribute name, index in the MRO of the class that holds this descriptor)."""
     func: Any = bound._func
     if bound._kind == "function":
-        return func.__name__, 0, None
+        return func.__name__, 0
     mro = type(bound._subject).__mro__ if bound._kind == "method" else bound._subject.__mro__
     name = func._name or func.__name__
     for i, klass in enumerate(mro):
         if klass.__dict__.get(name) is func:
-            return name, i, klass
+            return name, i
     for i, klass in enumerate(mro):  # aliased: the same descriptor under another name
         for attr, value in klass.__dict__.items():
             if value is func:
-                return attr, i, klass
+                return attr, i
     msg = f"cannot find {func.__qualname__} in the class of {bound._subject!r}"
     raise TypeError(msg)
 
@@ -143,7 +143,7 @@ def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options, star: bool = 
         )
         raise ValueError(msg)
 
-    name, mro_index, holder = _find_owner(bound)
+    name, mro_index = _find_owner(bound)
     kind = bound._kind
     subject = bound._subject
     if kind == "method":

@@ -6,8 +6,6 @@ import functools
 import inspect
 import itertools
 import os
-import subprocess
-import sys
 import textwrap
 
 import joblib
@@ -16,6 +14,7 @@ import pytest
 from parallelmethods import BoundParallelMethod, ParallelFunction, parallelizable
 
 from . import _models as M
+from ._scripts import run_script
 
 N = 2  # workers
 
@@ -171,11 +170,12 @@ def test_loky_pickles_once_unpickles_once_per_worker(counts_dir: str) -> None:
     unpickled = _lines(os.path.join(counts_dir, "unpickled"))
     assert pickled == [str(os.getpid())]
     assert len(unpickled) <= N and len(set(unpickled)) == len(unpickled)
-    # Unchanged object, second call: pickled again (to compare), not unpickled again.
+    # Unchanged object, second call: one reduce in the caller (the digest pass that
+    # tells it is unchanged); still at most one unpickling per worker overall.
     obj.get.map(range(200), backend="loky", n_jobs=N)
     assert len(_lines(os.path.join(counts_dir, "pickled"))) == 2
     again = _lines(os.path.join(counts_dir, "unpickled"))
-    assert len(again) <= 2 * N and len(set(again)) == len(again) or len(again) == len(unpickled)
+    assert len(again) <= N and len(set(again)) == len(again)
 
 
 @pytest.mark.parametrize("backend_name", ["multiprocessing", "threading", "sequential"])
@@ -237,11 +237,7 @@ MAIN_SCRIPT = textwrap.dedent(
 
 def test_main_module_classes_in_subprocess(tmp_path: object) -> None:
     """Classes and functions defined in a __main__ script work on loky and multiprocessing."""
-    script = os.path.join(str(tmp_path), "script.py")
-    with open(script, "w") as f:
-        f.write(MAIN_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env)
+    proc = run_script(tmp_path, MAIN_SCRIPT)
     assert proc.returncode == 0, proc.stderr
     assert "MAIN OK" in proc.stdout
 

@@ -18,6 +18,7 @@ from parallelmethods import ParallelMethodsError, ParallelMixin, SerializationEr
 
 from . import _faulty as F
 from . import _models as M
+from ._scripts import run_script
 
 N = 2
 
@@ -369,9 +370,9 @@ def test_serialization_error_paths(obj: object, path: str) -> None:
 
 def test_without_dask_installed_backend_dask_says_what_to_install(tmp_path: object) -> None:
     """Without dask.distributed the library works, and backend='dask' names the extra to install."""
-    script = os.path.join(str(tmp_path), "nodask.py")
-    with open(script, "w") as f:
-        f.write(
+    out = run_script(
+        tmp_path,
+        (
             "import sys\n"
             "sys.modules['distributed'] = None  # as if not installed\n"
             "from parallelmethods import parallelizable\n"
@@ -382,9 +383,9 @@ def test_without_dask_installed_backend_dask_says_what_to_install(tmp_path: obje
             "    sq.map([1], backend='dask')\n"
             "except ImportError as e:\n"
             "    print('IMPORTERROR', e)\n"
-        )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60, env=env)
+        ),
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "IMPORTERROR" in out.stdout and "parallelmethods[dask]" in out.stdout
 

@@ -11,6 +11,7 @@ import pytest
 from parallelmethods import ParallelMixin, explain, parallelizable
 
 from . import _models as M
+from ._scripts import run_script
 
 
 @pytest.mark.parametrize("backend_name", ["loky", "multiprocessing", "threading", "sequential"])
@@ -90,22 +91,18 @@ def test_explain_excluded_and_routes() -> None:
 
 def test_explain_main_class_serializer(tmp_path: object) -> None:
     """For a class defined in __main__, explain says cloudpickle and why."""
-    import os
-    import subprocess
-    import sys
-
-    script = os.path.join(str(tmp_path), "s.py")
-    with open(script, "w") as f:
-        f.write(
+    out = run_script(
+        tmp_path,
+        (
             "from parallelmethods import parallelizable, explain\n"
             "class C:\n"
             "    @parallelizable\n"
             "    def f(self, x): return x\n"
             "info = explain(C().f, backend='loky')\n"
             "print(info.serializer, '|', info.serializer_reason)\n"
-        )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60, env=env)
+        ),
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("cloudpickle |") and "__main__" in out.stdout
 
