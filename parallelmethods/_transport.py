@@ -58,7 +58,11 @@ def _shm_dir() -> str:
 
 def serialize_subject(plan: Plan, root_rv: Any = None, digest: str | None = None) -> Payload:
     owner_name = type(plan.subject).__qualname__ if plan.kind == "method" else plan.label
-    return dumps_state(plan.subject, exclude=plan.exclude, what="self", owner_name=owner_name, root_rv=root_rv, digest=digest)
+    # marshal only for local workers: its format belongs to this exact Python
+    # version, and a dask worker may run another one.
+    return dumps_state(
+        plan.subject, exclude=plan.exclude, what="self", owner_name=owner_name, root_rv=root_rv, digest=digest, plain_as_marshal=plan.route == "file"
+    )
 
 
 def _write(payload: Payload, lineage: str = "") -> FileHandle:

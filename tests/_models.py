@@ -181,3 +181,35 @@ def make_db(path: str) -> None:
 def square(i: int) -> int:
     """Square a number."""
     return i * i
+
+
+def plain_table(n: int) -> dict[str, Any]:
+    """Plain data of every kind marshal and pickle both write: the same each call."""
+    return {
+        f"k{i}": (i, float(i), str(i) * 2, [i, -i], {"n": i, (i, "t"): frozenset({i})}, None, i % 2 == 0, b"b", 2**70 + i, complex(i, 1), ())
+        for i in range(n)
+    }
+
+
+class Tables:
+    """Large plain-data attributes, some shared: what travels as marshal and what must not."""
+
+    def __init__(self, n: int) -> None:
+        self.table = plain_table(n)  # only self holds it: marshalled on the file route
+        shared = list(range(n))
+        self.left = shared  # two attributes, one list: sharing must survive
+        self.right = shared
+        inner = [0, 0]
+        self.repeated = [inner] * n  # one list referenced n times inside a value
+        self.buffers = [bytearray(b"ab") for _ in range(n)]  # bytearray: marshal would make bytes
+
+    @parallelizable
+    def facts(self, i: int) -> tuple[Any, ...]:
+        key = f"k{i}"
+        return (
+            self.table[key] == plain_table(i + 1)[key],
+            [type(v).__name__ for v in self.table[key]],
+            self.left is self.right,
+            self.repeated[0] is self.repeated[-1],
+            type(self.buffers[i]).__name__,
+        )
