@@ -122,10 +122,13 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
     problems: list[Problem] = []
     owner = type(subject).__qualname__ if plan.kind == "method" else plan.label
     try:
-        payload = dumps_state(subject, exclude=plan.exclude, what="self", owner_name=owner)
+        # As the map would: large plain-data attributes as marshal on the file route.
+        payload = dumps_state(subject, exclude=plan.exclude, what="self", owner_name=owner, plain_as_marshal=plan.route == "file")
         serializer, reason, size = payload.via, payload.why, payload.nbytes
         if serializer == "pickle":
             reason = "every class and function in it can be imported by name in a worker"
+        if payload.marshalled:
+            reason += "; plain-data attributes written with marshal: " + ", ".join(payload.marshalled)
     except SerializationError:
         serializer = None
         reason = "neither pickle nor cloudpickle can serialize it"

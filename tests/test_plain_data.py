@@ -146,3 +146,10 @@ def test_threshold_and_empty_values(n: int) -> None:
     names, back, _ = ship(obj)
     assert back.rows == obj.rows  # type: ignore[attr-defined]
     assert names == (("rows",) if 2 * n + 1 >= MARSHAL_MIN_OBJECTS else ())
+
+
+def test_explain_names_marshalled_attributes() -> None:
+    """explain() on loky says which attributes travel as marshal; threads serialize nothing."""
+    m = M.Tables(BIG)
+    assert "marshal: table" in m.facts.explain(backend="loky").serializer_reason
+    assert "marshal" not in m.facts.explain(backend="threading").serializer_reason
