@@ -5,8 +5,10 @@
     python benchmarks/run.py --quick    # smaller sizes, under ~2 minutes
     python benchmarks/run.py --smoke    # tiny sizes, for the test suite
 
-Every method runs in this one process, repeats are interleaved (method A, B,
-C, A, B, C, ...), every result is checked against a plain loop, and the table
+Every method runs in this one process, repeats are interleaved and the order
+is shuffled each repeat with a fixed seed (whatever runs right after a serial
+method, such as the plain loop, is measurably slower, about 5% on W2, so no
+method may always hold that place), every result is checked against a plain loop, and the table
 reports medians and ratios. Methods that would take far too long at full size
 (naive joblib pickles self per task) run on a prefix of the items and are
 extrapolated linearly; they are marked with ``*``.
@@ -22,6 +24,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import random
 import statistics
 import sys
 import threading
@@ -283,6 +286,14 @@ def _sizes(mode: str) -> dict[str, Any]:
     return dict(w1=200_000, w2_items=64, w2_s=0.02, w3a=25_000_000, w3b=1_000_000, w3_items=2000, w5_calls=10, w5_items=100, repeats=3, budget=30.0)
 
 
+def run_order(methods: list[str], repeat: int) -> list[str]:
+    """The order of one repeat: listed order first, then shuffled (seeded, so runs repeat)."""
+    order = list(methods)
+    if repeat:
+        random.Random(repeat).shuffle(order)
+    return order
+
+
 def run_workload(w: Workload, repeats: int, budget: float, memory: bool) -> None:
     obj = w.make()
     items = list(range(w.n_items))
@@ -296,7 +307,7 @@ def run_workload(w: Workload, repeats: int, budget: float, memory: bool) -> None
         # A new state each repeat: every timed call is a first call on that
         # state (warm, unchanged-object calls are what W5 measures).
         obj.epoch = repeat
-        for name in w.methods:
+        for name in run_order(w.methods, repeat):
             fn = METHODS[name]
             use = items
             if name in PER_TASK_PICKLERS and w.floor is not None:
