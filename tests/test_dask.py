@@ -53,6 +53,18 @@ def test_results_and_parallel_config(client: object) -> None:
     assert os.getpid() not in pids
 
 
+def test_plain_data_state_is_pickled_for_the_cluster(client: object) -> None:
+    """The dask route never uses marshal (its workers may run another Python); values and sharing arrive intact."""
+    from parallelmethods import _plan, _transport
+    from parallelmethods._options import Options
+
+    m = M.Tables(2048)
+    plan = _plan.plan_for(m.facts, Options(backend="dask"))
+    assert plan.route == "cluster" and _transport.serialize_subject(plan).marshalled == ()
+    for equal, _types, left_is_right, repeated_shared, buffer_type in m.facts.map([0, 2047], backend="dask"):
+        assert equal and left_is_right and repeated_shared and buffer_type == "bytearray"
+
+
 def test_local_class_and_mutation(client: object) -> None:
     """Local classes travel (cloudpickle); a change between calls is seen."""
 

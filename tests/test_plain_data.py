@@ -153,3 +153,19 @@ def test_explain_names_marshalled_attributes() -> None:
     m = M.Tables(BIG)
     assert "marshal: table" in m.facts.explain(backend="loky").serializer_reason
     assert "marshal" not in m.facts.explain(backend="threading").serializer_reason
+
+
+def test_too_deep_stays_with_pickle() -> None:
+    """Nesting deeper than the scan follows is pickled as usual."""
+    obj = Holder()
+    deep: list[Any] = list(range(BIG))
+    for _ in range(80):
+        deep = [deep]
+    obj.deep = deep  # type: ignore[attr-defined]
+    del deep
+    names, back, _ = ship(obj)
+    assert names == ()
+    inner = back.deep
+    for _ in range(80):
+        inner = inner[0]
+    assert inner == list(range(BIG))
