@@ -288,8 +288,9 @@ def _plain_size(group: list[Any], limit: int) -> int | None:
                 holders += 1
             if max(map(sys.getrefcount, level)) > holders:
                 counts = list(map(sys.getrefcount, level))
-                if any(n > holders and len(o) for o, n in zip(level, counts)):
-                    return None  # shared (empty tuples are singletons: harmless)
+                # Shared. Except the empty tuple and frozenset: immutable singletons.
+                if any(n > holders and (len(o) or type(o) not in (tuple, frozenset)) for o, n in zip(level, counts)):
+                    return None
             dicts = [o for o in level if type(o) is dict] if dict in kinds else []
             others = [o for o in level if type(o) is not dict] if dicts else level
             sources = [(dicts, False), (dicts, True)] if dicts else []

@@ -169,3 +169,18 @@ def test_too_deep_stays_with_pickle() -> None:
     for _ in range(80):
         inner = inner[0]
     assert inner == list(range(BIG))
+
+
+def test_shared_empty_list_stays_with_pickle() -> None:
+    """An empty list is mutable: one shared with another attribute keeps its identity."""
+    obj = Holder()
+    empty: list[Any] = []
+    obj.rows = [empty] + [(i,) for i in range(BIG)]  # type: ignore[attr-defined]
+    obj.other = empty  # type: ignore[attr-defined]
+    del empty
+    names, back, _ = ship(obj)
+    assert names == ()
+    assert back.rows[0] is back.other
+    obj.other = None  # type: ignore[attr-defined]
+    names, back, _ = ship(obj)
+    assert names == ("rows",) and back.rows[0] == [] and back.rows[1:] == obj.rows[1:]  # type: ignore[attr-defined]
