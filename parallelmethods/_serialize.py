@@ -119,13 +119,17 @@ def root_reduce(obj: Any, exclude: tuple[str, ...] = ()) -> Any:
     Why once: the digest pass and the shipping pass then serialize the same
     snapshot, and the object's ``__reduce_ex__``/``__getstate__`` runs once
     per map call. None for objects pickle writes by reference (classes,
-    functions), which need no snapshot.
+    functions), which need no snapshot, and when ``__reduce_ex__`` raises:
+    the pickler then calls it itself, fails, and the failure is reported.
     """
     if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
         return None
-    if exclude:
-        return _reduce_without(obj, exclude)
-    return obj.__reduce_ex__(PROTOCOL)
+    try:
+        if exclude:
+            return _reduce_without(obj, exclude)
+        return obj.__reduce_ex__(PROTOCOL)
+    except Exception:  # noqa: BLE001 - the pickler asks again and reports it as a SerializationError
+        return None
 
 
 def _reduce_without(obj: Any, exclude: tuple[str, ...]) -> Any:
@@ -442,7 +446,7 @@ def _children(value: Any) -> Iterator[tuple[str, Any]]:
     state: Any = None
     getstate = getattr(value, "__getstate__", None)
     try:
-        state = getstate() if getstate is not None else getattr(value, "__dict__", None)
+        state = getstate() if getstate is not None else _default_state(value)
     except Exception:  # noqa: BLE001
         state = getattr(value, "__dict__", None)
     if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
@@ -453,6 +457,15 @@ def _children(value: Any) -> Iterator[tuple[str, Any]]:
     if isinstance(state, dict):
         for k, v in state.items():
             yield (f".{k}" if isinstance(k, str) and k.isidentifier() else f"[{k!r}]"), v
+
+
+def _default_state(value: Any) -> Any:
+    """The state pickle takes from an object without ``__getstate__`` (Python
+    3.10, where ``object`` has none): ``__dict__``, plus ``__slots__`` values."""
+    names = [n for n in copyreg._slotnames(type(value)) if hasattr(value, n)]  # type: ignore[attr-defined]
+    if not names:
+        return getattr(value, "__dict__", None)
+    return (getattr(value, "__dict__", None), {n: getattr(value, n) for n in names})
 
 
 def find_unpicklable(value: Any, path: str, exclude: tuple[str, ...] = (), _depth: int = 0, _seen: set[int] | None = None) -> tuple[str, Any] | None:
@@ -487,6 +500,11 @@ def describe_path_fix(path: str, *, what: str, owner_name: str) -> str:
         return (
             f"add {attr!r} to exclude= (class {owner_name or 'YourClass'}(ParallelMixin, "
             f"parallel=(...), exclude=({attr!r},))) and rebuild it in __parallel_init__(), "
+            "or use backend='threading' to share the object without copying it"
+        )
+    if what == "self" and path == "self":
+        return (
+            "give the class a __getstate__ (or __reduce__) that leaves out what cannot be pickled, "
             "or use backend='threading' to share the object without copying it"
         )
     if what == "self":

@@ -368,6 +368,22 @@ def test_serialization_error_paths(obj: object, path: str) -> None:
         obj.f.map([1], backend="loky", n_jobs=N)  # type: ignore[attr-defined]
 
 
+class _RefusesPickling:
+    def __reduce_ex__(self, protocol: object) -> object:
+        raise TypeError("this object refuses to be pickled")
+
+    @parallelizable
+    def f(self, x: int) -> int:
+        return x
+
+
+def test_serialization_error_when_self_itself_refuses() -> None:
+    """No attribute to blame: the error says to give the class a __getstate__, not to exclude ''."""
+    with pytest.raises(SerializationError, match=r"self \(.*_RefusesPickling\).*give the class a __getstate__") as info:
+        _RefusesPickling().f.map([1], backend="loky", n_jobs=N)
+    assert "''" not in str(info.value)
+
+
 def test_without_dask_installed_backend_dask_says_what_to_install(tmp_path: object) -> None:
     """Without dask.distributed the library works, and backend='dask' names the extra to install."""
     out = run_script(
