@@ -17,7 +17,8 @@ Data flow for ``m.score.map(xs, n_jobs=2)``::
             loky (and any other local
             process backend) ───────────────► FileHandle: self pickled ONCE per
                  call into a file in /dev/shm: pickle stream + out-of-band
-                 buffers (numpy arrays); an unchanged object reuses its file
+                 buffers (numpy arrays; big plain-data attributes as marshal
+                 [_plain]); an unchanged object reuses its file
             dask ───────────────────────────► InlineHandle + the bytes,
                  scattered to the cluster once as a Future   [_dask]
         3 items cut into chunks; each chunk pickled once (args fall back to

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from parallelmethods import ParallelMixin, parallelizable
-from parallelmethods._serialize import MARSHAL_MIN_OBJECTS, dumps_state
+from parallelmethods._plain import MARSHAL_MIN_OBJECTS
+from parallelmethods._serialize import dumps_state
 
 from . import _models as M
 
