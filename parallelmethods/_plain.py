@@ -106,7 +106,6 @@ def _plain_size(group: list[Any], limit: int) -> int | None:
                     seen += sum(map(len, parents))
             del level, dicts, others, sources
         pending = deeper
-        del deeper
         limit = _UNSHARED
     return None  # deeper than _MAX_DEPTH: leave it to pickle
 

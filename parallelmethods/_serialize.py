@@ -29,7 +29,6 @@ pickle's memo for such data: see :mod:`parallelmethods._plain` for when and why.
 
 from __future__ import annotations
 
-import copyreg
 import hashlib
 import io
 import pickle
@@ -316,11 +315,10 @@ def _children(value: Any) -> Iterator[tuple[str, Any]]:
 
 def _default_state(value: Any) -> Any:
     """The state pickle takes from an object without ``__getstate__`` (Python
-    3.10, where ``object`` has none): ``__dict__``, plus ``__slots__`` values."""
-    names = [n for n in copyreg._slotnames(type(value)) if hasattr(value, n)]  # type: ignore[attr-defined]
-    if not names:
-        return getattr(value, "__dict__", None)
-    return (getattr(value, "__dict__", None), {n: getattr(value, n) for n in names})
+    3.10, where ``object`` has none): the one ``__reduce_ex__`` returns, which
+    includes ``__slots__`` values as ``(dict, slots)``."""
+    rv = value.__reduce_ex__(PROTOCOL)
+    return rv[2] if isinstance(rv, tuple) and len(rv) > 2 else None
 
 
 def find_unpicklable(value: Any, path: str, exclude: tuple[str, ...] = (), _depth: int = 0, _seen: set[int] | None = None) -> tuple[str, Any] | None:

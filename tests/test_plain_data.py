@@ -62,7 +62,7 @@ def test_shared_and_referenced_values_keep_pickle_semantics() -> None:
     cyclic.append(cyclic)
     obj.e = cyclic  # type: ignore[attr-defined]
     del cyclic
-    obj.f = [bytearray(b"x")] * 1 + [bytearray(b"y") for _ in range(BIG)]  # type: ignore[attr-defined]
+    obj.f = [bytearray(b"y") for _ in range(BIG)]  # type: ignore[attr-defined]
     obj.g = [collections.OrderedDict(a=i) for i in range(BIG)]  # type: ignore[attr-defined]
     obj.h = list(range(MARSHAL_MIN_OBJECTS // 2))  # type: ignore[attr-defined]
     names, back, _ = ship(obj)
