@@ -3,8 +3,8 @@
 Why scatter bytes and not the object: dask's own ``scatter``/``Client.map``
 tokenize (hash) the object to name it, which for a 50 MB dict costs seconds.
 Bytes scattered with ``hash=False`` are not tokenized; each worker fetches
-them once, unpickles once per distinct digest (the same LRU as local
-workers) and keeps the result for the next call.
+them once, rebuilds once per distinct state (the state cache of local
+workers, _statecache) and keeps it for the next call.
 """
 
 from __future__ import annotations

@@ -18,58 +18,84 @@ Data flow for ``m.score.map(xs, n_jobs=2)``::
             process backend) ───────────────► FileHandle: self pickled ONCE per
                  call into a file in /dev/shm: pickle stream + out-of-band
                  buffers (numpy arrays; big plain-data attributes as marshal
-                 [_plain]); an unchanged object reuses its file
+                 [_plain]); an unchanged object (same fingerprint) reuses
+                 its file and its key
             dask ───────────────────────────► InlineHandle + the bytes,
                  scattered to the cluster once as a Future   [_dask]
         3 items cut into chunks; each chunk pickled once (args fall back to
-          cloudpickle) and sent as one joblib task:
+          cloudpickle) and sent as one joblib task, with the CallContext
+          (call id, caller's cwd and sys.path, exclude, class name) in spec:
             delayed(run_chunk)(handle, spec, first_index, items, serialized, blob)
         4 joblib.Parallel(batch_size=1,
             return_as=generator_unordered | list)  ──────────────────────► 5 run_chunk:
+                                                                          follow the caller's cwd, sys.path
                                                                           self = _REGISTRY[token]
-                                                                            or _CACHE[digest]
-                                                                            or mmap + unpickle
+                                                                            or _statecache.acquire(key):
+                                                                               a copy this call used,
+                                                                               or a verified unchanged one,
+                                                                               or mmap + unpickle
                                                                                (+ __parallel_init__)
+                                                                            failure -> "while rebuilding self"
                                                                           fn = raw function from spec
                                                                           for i, item in chunk:
                                                                             try fn(self, *fixed, item)
-                                                                            except -> RemoteError(i, ...)
+                                                                            except BaseException (not Ctrl-C)
+                                                                              -> RemoteError(i, ...)
         6 ◄──────────────────────────── bytes of (first, results, mutated, had_error)
           results placed by index; a RemoteError is re-raised with its own type
           and a note naming the item; dead workers and timeouts become
-          WorkerCrashedError / TimeoutError, or are re-run  [_runner]
+          WorkerCrashedError / TimeoutError, or are re-run  [_runner, _recovery]
 
 Why a file and not the task arguments for loky: loky re-pickles every task's
 arguments, so a 50 MB ``self`` inside the task would travel once per chunk.
-A path + digest travels instead; each worker unpickles at most once per
-distinct state (the LRU ``_CACHE``), and numpy buffers are mapped, not copied.
+A path + key travels instead; each worker rebuilds at most once per
+distinct state (the state cache, _statecache, which also checks that no
+method changed its copy before serving it to a new call), and numpy buffers
+are mapped, not copied.
 """
 
 from __future__ import annotations
 
-import collections
 import gc
-import hashlib
 import mmap
 import os
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
 from typing import Any
 
+from . import _statecache
 from ._serialize import dumps_value, loads_value
-from .errors import SerializationError
+from .errors import ParallelMethodsError, SerializationError
 
-__all__ = ["run_chunk", "LocalHandle", "FileHandle", "InlineHandle", "RemoteError", "CACHE_SIZE"]
+__all__ = ["run_chunk", "CallContext", "LocalHandle", "FileHandle", "InlineHandle", "RemoteError", "CACHE_SIZE", "cache_info"]
 
-#: How many distinct ``self`` states a worker keeps unpickled (LRU).
-CACHE_SIZE = 4
+CACHE_SIZE = _statecache.CACHE_SIZE
+cache_info = _statecache.cache_info
 
 # token -> subject, for routes where workers share (threads) or inherit (fork)
 # the caller's memory. Filled by the runner before the pool starts.
 _REGISTRY: dict[str, Any] = {}
-_CACHE: collections.OrderedDict[str, Any] = collections.OrderedDict()
-_CACHE_LOCK = threading.Lock()
+_FORK_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What every task of one call carries besides the items.
+
+    ``call`` names the call (the state cache serves a copy to a new call
+    only after checking it); ``cwd`` and ``sys_path`` are the caller's at the
+    moment of the call, which local process workers follow (``follow``);
+    ``exclude`` and ``owner`` (the class name) are for rebuilding ``self``.
+    """
+
+    call: str
+    cwd: str
+    sys_path: tuple[str, ...]
+    follow: bool
+    exclude: tuple[str, ...] = ()
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,10 +113,13 @@ class LocalHandle:
 
 @dataclass(frozen=True)
 class FileHandle:
-    """``self`` pickled once into ``path``: stream then buffers, back to back."""
+    """``self`` pickled once into ``path``: stream then buffers, back to back.
+
+    ``key`` names this payload in the workers' state cache (_statecache).
+    """
 
     path: str
-    digest: str
+    key: str
     main_len: int
     buffer_lens: tuple[int, ...]
     lineage: str = ""
@@ -104,7 +133,7 @@ class InlineHandle:
     argument (dask resolves it on the worker, fetching it once per worker).
     """
 
-    digest: str
+    key: str
     main_len: int
     buffer_lens: tuple[int, ...]
     lineage: str = ""
@@ -133,10 +162,18 @@ def unregister_local(token: str) -> None:
     _REGISTRY.pop(token, None)
 
 
-def cache_info() -> dict[str, Any]:
-    """What this process holds in its state cache (for tests and explain)."""
-    with _CACHE_LOCK:
-        return {"size": len(_CACHE), "max": CACHE_SIZE, "digests": list(_CACHE)}
+# ---------------------------------------------------------------------------
+# Rebuilding self in a worker.
+# ---------------------------------------------------------------------------
+
+
+class _RebuildFailed(Exception):
+    """Rebuilding ``self`` failed at ``stage``; ``error`` is what was raised."""
+
+    def __init__(self, stage: str, error: BaseException) -> None:
+        super().__init__(stage, error)
+        self.stage = stage
+        self.error = error
 
 
 def _load_file(handle: FileHandle) -> Any:
@@ -170,8 +207,26 @@ def _load_view(view: memoryview, main_len: int, buffer_lens: tuple[int, ...]) ->
 def _after_load(subject: Any) -> Any:
     hook = getattr(type(subject), "__parallel_init__", None)
     if hook is not None and not isinstance(subject, type):
-        hook(subject)
+        try:
+            hook(subject)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - named for the user below
+            raise _RebuildFailed("__parallel_init__", e) from e
     return subject
+
+
+def _rebuild(handle: Any, blob: Any) -> Any:
+    try:
+        if isinstance(handle, FileHandle):
+            subject = _load_file(handle)
+        else:
+            subject = _load_view(memoryview(blob), handle.main_len, handle.buffer_lens)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - named for the user below
+        raise _RebuildFailed("unpickling", e) from e
+    return _after_load(subject)
 
 
 _FORK_PREPARED: set[str] = set()
@@ -182,8 +237,10 @@ def _prepare_fork_copy(handle: LocalHandle, subject: Any) -> Any:
 
     Why: a forked copy shares the parent's sockets, sqlite handles and lock
     states; the contract says excluded attributes never reach a worker.
+    The fork route forks a fresh pool for every call, so this copy is the
+    caller's state as of this call.
     """
-    with _CACHE_LOCK:
+    with _FORK_LOCK:
         if handle.token in _FORK_PREPARED:
             return subject
         _FORK_PREPARED.add(handle.token)
@@ -197,96 +254,72 @@ def _prepare_fork_copy(handle: LocalHandle, subject: Any) -> Any:
     return subject
 
 
-def _subject_of(handle: Any, blob: Any = None) -> Any:
+def _subject_of(handle: Any, blob: Any, ctx: CallContext) -> tuple[Any, str, bool]:
+    """``(subject, cache key or "", cached)``; release with ``_statecache.release``."""
     if isinstance(handle, LocalHandle):
         try:
             subject = _REGISTRY[handle.token]
-            if handle.pid != os.getpid():
-                return _prepare_fork_copy(handle, subject)
-            return subject
         except KeyError:
             msg = (
                 "parallelmethods internal error: this worker did not inherit the object "
                 "(a fork-route handle reached a process that was not forked from the caller)"
             )
             raise RuntimeError(msg) from None
-    digest = handle.digest
-    with _CACHE_LOCK:
-        if digest in _CACHE:
-            _CACHE.move_to_end(digest)
-            return _CACHE[digest]
-    _forget_superseded(handle.lineage, digest)
-    rss_before = _rss()
-    if isinstance(handle, FileHandle):
-        subject = _load_file(handle)
+        if handle.pid != os.getpid():
+            return _prepare_fork_copy(handle, subject), "", False
+        return subject, "", False
+    subject, cached = _statecache.acquire(handle.key, ctx.call, handle.lineage, ctx.exclude, lambda: _rebuild(handle, blob))
+    return subject, handle.key, cached
+
+
+def _rebuild_error(ctx: CallContext, failure: BaseException) -> ParallelMethodsError:
+    """The error for a ``self`` that could not be rebuilt: where, why, and the fix."""
+    stage, error = (failure.stage, failure.error) if isinstance(failure, _RebuildFailed) else ("loading", failure)
+    owner = ctx.owner or "self"
+    if stage == "__parallel_init__":
+        fix = f"fix {owner}.__parallel_init__ so that it works in a fresh process (it runs once per shipped copy)"
+    elif isinstance(error, RecursionError):
+        fix = (
+            "an attribute nests deeper than the recursion limit when rebuilt (a tqdm bar, a long linked "
+            "structure): add it to exclude= and rebuild it in __parallel_init__(), or use backend='threading'"
+        )
+    elif isinstance(error, (ImportError, AttributeError)):
+        fix = (
+            "the worker cannot import what self refers to: make the module importable (install it, or put "
+            "its folder on sys.path before the map; local workers follow the caller's sys.path), or use "
+            "backend='threading'"
+        )
     else:
-        subject = _load_view(memoryview(blob), handle.main_len, handle.buffer_lens)
-    subject = _after_load(subject)
-    with _CACHE_LOCK:
-        _CACHE[digest] = subject
-        _CACHE.move_to_end(digest)
-        _HELD[digest] = max(0, _rss() - rss_before)
-        if handle.lineage:
-            _LINEAGE[handle.lineage] = digest
-        while len(_CACHE) > CACHE_SIZE:
-            old, _ = _CACHE.popitem(last=False)
-            _HELD.pop(old, None)
-        _allow_cached_memory(sum(_HELD.values()))
-    return subject
+        fix = (
+            f"make {owner}'s __setstate__/__reduce__ work in a fresh process, or add the attribute that fails "
+            "to exclude= and rebuild it in __parallel_init__(), or use backend='threading'. "
+            "explain(m.method) names the attribute"
+        )
+    msg = f"while rebuilding self ({owner}) in a worker: {type(error).__name__} during {stage}: {error}. Fix: {fix}."
+    err = ParallelMethodsError(msg, type_name=f"{type(error).__module__}.{type(error).__qualname__}")
+    err.__cause__ = error
+    return err
 
 
-# Bytes of RSS each cached state added when it was loaded.
-_HELD: dict[str, int] = {}
-# Caller object ("pid:id") -> digest of its state this worker holds.
-_LINEAGE: dict[str, str] = {}
+def _follow_caller(ctx: CallContext) -> None:
+    """Local process workers run in the caller's cwd and with its sys.path, as the loop does.
 
-
-def _forget_superseded(lineage: str, digest: str) -> None:
-    """Drop the state a changed object had before, ahead of loading its new one.
-
-    Why: the cache is keyed by content, so after ``m.w = 7`` the old state
-    of ``m`` would sit in the LRU until pushed out, holding its memory while
-    the new one loads (measured: a 1M-entry dict state is ~300 MB per worker,
-    and loads slowed from 0.6 s to over 1 s with stale states kept).
+    Why: loky's workers live across calls and keep the directory and path
+    they started with; a relative ``open()`` or an import made possible by a
+    later ``sys.path.insert`` must behave as in the caller.
     """
-    if not lineage:
-        return
-    with _CACHE_LOCK:
-        old = _LINEAGE.get(lineage)
-        if old is not None and old != digest:
-            _CACHE.pop(old, None)
-            _HELD.pop(old, None)
-            del _LINEAGE[lineage]
-_LOKY_LEAK_LIMIT: int | None = None
-
-
-def _rss() -> int:
     try:
-        import psutil
-    except ImportError:  # loky checks memory only with psutil: nothing to adjust
-        return 0
-    return int(psutil.Process().memory_info().rss)
+        if os.getcwd() != ctx.cwd:
+            os.chdir(ctx.cwd)
+    except OSError:  # gone (or never there): the method sees the worker's own
+        pass
+    if tuple(sys.path) != ctx.sys_path:
+        sys.path[:] = ctx.sys_path
 
 
-def _allow_cached_memory(held: int) -> None:
-    """Tell loky's leak guard that our cache is not a leak.
-
-    Why: a loky worker compares its RSS with its size after its first task
-    and exits ("Memory leak detected") when it grew by more than
-    ``_MAX_MEMORY_LEAK_SIZE`` (300 MB). A cached 1M-entry dict or a mapped
-    200 MB array is deliberate growth, and the restart would throw the cache
-    away (measured: warm calls fell back to full unpickling). We raise that
-    limit, in this worker only, by what the cache holds.
-    """
-    global _LOKY_LEAK_LIMIT
-    import sys
-
-    executor = sys.modules.get("joblib.externals.loky.process_executor")
-    if executor is None or not hasattr(executor, "_MAX_MEMORY_LEAK_SIZE"):
-        return
-    if _LOKY_LEAK_LIMIT is None:
-        _LOKY_LEAK_LIMIT = int(getattr(executor, "_MAX_MEMORY_LEAK_SIZE"))  # noqa: B009
-    setattr(executor, "_MAX_MEMORY_LEAK_SIZE", _LOKY_LEAK_LIMIT + held)  # noqa: B010
+# ---------------------------------------------------------------------------
+# The task.
+# ---------------------------------------------------------------------------
 
 
 def unwrap_target(attr: Any) -> Any:
@@ -315,19 +348,13 @@ def resolve_call(subject: Any, kind: str, name: str, mro_index: int) -> tuple[An
     return fn, ((subject,) if kind == "classmethod" else ())
 
 
-def _state_digest(subject: Any) -> str:
-    try:
-        return hashlib.sha256(dumps_value(subject)).hexdigest()
-    except Exception:  # noqa: BLE001 - unpicklable now: cannot tell, say unchanged
-        return ""
-
-
 def _capture(index: int, exc: BaseException, serialized: bool = True) -> RemoteError:
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    kept: BaseException | None = exc
+    type_name = f"{type(exc).__module__}.{type(exc).__qualname__}"
     if not serialized:
         # Same process (threads): the exception object itself, traceback intact.
-        return RemoteError(index, kept, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), "")
+        return RemoteError(index, exc, type_name, str(exc), "")
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    kept: BaseException | None = exc
     try:
         # Round trip now: an exception whose __init__ pickle cannot call must
         # not explode later in the caller (joblib's MyExceptionWithFinickyInit).
@@ -335,27 +362,44 @@ def _capture(index: int, exc: BaseException, serialized: bool = True) -> RemoteE
     except Exception:  # noqa: BLE001
         kept = None
     exc.__traceback__ = None
-    return RemoteError(index, kept, f"{type(exc).__module__}.{type(exc).__qualname__}", str(exc), tb_text)
+    return RemoteError(index, kept, type_name, str(exc), tb_text)
 
 
 def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool, blob: Any = None) -> Any:
     """Run one chunk of items; the only function any worker executes.
 
     ``spec`` = (kind, name, mro_index, fixed_args, fixed_kwargs, on_error,
-    check_mutations); on process routes it and ``items`` arrive as bytes and
-    the result leaves as bytes, so pickling errors are ours to name.
-    Returns ``(first, results, mutated)`` where a failed item's result is a
-    :class:`RemoteError`.
+    check_mutations, context, star); on process routes it and ``items``
+    arrive as bytes and the result leaves as bytes, so pickling errors are
+    ours to name. Returns ``(first, results, mutated, had_error)`` where a
+    failed item's result is a :class:`RemoteError`.
     """
     if serialized:
         spec = loads_value(spec)
         items = loads_value(items)
-    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations, star = spec
-    subject = _subject_of(handle, blob)
+    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations, ctx, star = spec
+    if ctx.follow:
+        _follow_caller(ctx)
+    try:
+        subject, key, cached = _subject_of(handle, blob, ctx)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as failure:  # noqa: BLE001 - every item of the chunk gets the named error
+        err = _rebuild_error(ctx, failure)
+        count = len(items) if on_error == "return" else 1
+        return _pack((first, [_capture(first + i, err, serialized) for i in range(count)], False, True), serialized)
+    try:
+        return _pack(_run_items(subject, spec, first, items, serialized), serialized)
+    finally:
+        _statecache.release(key, cached)
+
+
+def _run_items(subject: Any, spec: Any, first: int, items: Any, serialized: bool) -> tuple[int, list[Any], bool, bool]:
+    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations, ctx, star = spec
     fn, lead = resolve_call(subject, kind, name, mro_index)
     if fixed_args or lead:
         lead = (*lead, *fixed_args)
-    before = _state_digest(subject) if check_mutations else ""
+    before = _statecache.state_fingerprint(subject, ctx.exclude) if check_mutations else ""
     results: list[Any] = []
     append = results.append
     had_error = False
@@ -368,19 +412,25 @@ def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool, 
                 append(fn(*lead, *item, **fixed_kwargs))
             else:
                 append(fn(*lead, item, **fixed_kwargs))
-        except Exception as exc:  # noqa: BLE001 - every method error travels back
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every method error travels back, SystemExit too
             append(_capture(index, exc, serialized))
             had_error = True
             if on_error == "raise":
                 break
         index += 1
-    mutated = bool(check_mutations) and _state_digest(subject) != before
-    out = (first, results, mutated, had_error)
+    mutated = bool(check_mutations) and _statecache.state_fingerprint(subject, ctx.exclude) != before
+    return first, results, mutated, had_error
+
+
+def _pack(out: tuple[int, list[Any], bool, bool], serialized: bool) -> Any:
     if not serialized:
         return out
     try:
         return dumps_value(out)
     except Exception:  # noqa: BLE001 - find which result cannot travel
+        first, results, mutated, _ = out
         return dumps_value((first, [_result_or_error(first + i, r) for i, r in enumerate(results)], mutated, True))
 
 

@@ -16,6 +16,9 @@ loky and other process backends           file         reusable workers: pickle 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +26,7 @@ import joblib
 from joblib._parallel_backends import MultiprocessingBackend, SequentialBackend, ThreadingBackend
 from joblib.parallel import get_active_backend
 
+from . import _dispatch
 from ._mpwatch import WatchedMultiprocessingBackend
 from ._options import Options, Resolved, resolve
 
@@ -154,7 +158,19 @@ def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options, star: bool = 
     else:
         label, exclude = f"{subject.__qualname__}.{name}", ()
     plan = Plan(opts, backend, backend_name, n_jobs, effective, route, subject, kind, name, mro_index, label, exclude)
-    plan.spec = (kind, name, mro_index, bound._args, bound._kwargs, opts.on_error, opts.check_mutations, star)
+    owner = type(subject).__qualname__ if kind == "method" else label
+    # Local process workers follow the caller's cwd and sys.path (the loop's
+    # view); threads share them already; a cluster's workers keep their own
+    # (another machine may not have the folder: docs/clusters.md).
+    context = _dispatch.CallContext(uuid.uuid4().hex, _cwd(), tuple(sys.path), route in ("fork", "file"), exclude, owner)
+    plan.spec = (kind, name, mro_index, bound._args, bound._kwargs, opts.on_error, opts.check_mutations, context, star)
     return plan
+
+
+def _cwd() -> str:
+    try:
+        return os.getcwd()
+    except OSError:  # the caller's folder was removed: nothing to follow
+        return ""
 
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 
 import cloudpickle
 
+from ._compat import cloudpickle_by_value
 from ._plain import marshal_plain_attributes
 from .errors import SerializationError
 
@@ -60,6 +61,10 @@ def _by_reference_impossible(obj: Any) -> str | None:
         return f"{qualname} is defined inside a function"
     if qualname == "<lambda>" or qualname.endswith(".<lambda>"):
         return "a lambda has no importable name"
+    if module is not None and cloudpickle_by_value(obj):
+        # Registered with cloudpickle.register_pickle_by_value, or the name
+        # no longer leads to this very object (redefined): by value.
+        return f"{module}.{qualname} is pickled by value by cloudpickle"
     return None
 
 
@@ -74,7 +79,7 @@ class _RootPickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if obj is self._root and self._root_rv is not None:
-            return self._root_rv
+            return fresh(self._root_rv)
         return NotImplemented
 
 
@@ -102,7 +107,7 @@ class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     def reducer_override(self, obj: Any) -> Any:
         if obj is self._root and self._root_rv is not None:
-            return self._root_rv
+            return fresh(self._root_rv)
         return super().reducer_override(obj)
 
 
@@ -118,11 +123,21 @@ def root_reduce(obj: Any, exclude: tuple[str, ...] = ()) -> Any:
     if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
         return None
     try:
-        if exclude:
-            return _reduce_without(obj, exclude)
-        return obj.__reduce_ex__(PROTOCOL)
+        rv = _reduce_without(obj, exclude) if exclude else obj.__reduce_ex__(PROTOCOL)
     except Exception:  # noqa: BLE001 - the pickler asks again and reports it as a SerializationError
         return None
+    if isinstance(rv, tuple) and len(rv) > 3:
+        # listitems/dictitems are one-shot iterators; every pass (fingerprint,
+        # shipping, cloudpickle fallback) needs them, so keep them as lists.
+        rv = (*rv[:3], *(None if it is None else list(it) for it in rv[3:5]), *rv[5:])
+    return rv
+
+
+def fresh(rv: Any) -> Any:
+    """A reduce value pickle can consume: new iterators over the kept item lists."""
+    if isinstance(rv, tuple) and len(rv) > 3:
+        return (*rv[:3], *(None if it is None else iter(it) for it in rv[3:5]), *rv[5:])
+    return rv
 
 
 def _reduce_without(obj: Any, exclude: tuple[str, ...]) -> Any:
@@ -200,8 +215,8 @@ def dumps_state(
 
     ``root_rv`` is the root's reduce value when the caller already took it
     (:func:`root_reduce`); both passes below reuse it. ``digest``, when the
-    caller has a content digest already (:func:`fast_digest`), is used as the
-    cache key instead of hashing the stream again. ``plain_as_marshal``
+    caller has a state-cache key already (see :mod:`parallelmethods._statecache`),
+    is used instead of hashing the stream. ``plain_as_marshal``
     (local workers only: marshal's format belongs to this Python version)
     writes large plain-data attributes with marshal, see
     :func:`~parallelmethods._plain.marshal_plain_attributes`.
@@ -228,17 +243,32 @@ def dumps_state(
     return Payload(main, tuple(buffers), digest or _digest(main, buffers), "cloudpickle", why, len(main) + sum(b.nbytes for b in buffers), marshalled)
 
 
-def fast_digest(obj: Any, root_rv: Any) -> str | None:
-    """A content digest of ``obj`` from a memo-less ("fast mode") pickle, or None.
+def _by_value_code(digest: str) -> None:  # pragma: no cover - never called
+    """Stands for a class or function in a fingerprint (the bytes are only hashed)."""
 
-    Why: pickle's memo dominates the cost of large containers; without it a
-    1M-entry dict pickles ~9x faster (0.09 s vs 0.84 s, measured). The
-    bytes are never sent anywhere, only hashed, to tell whether ``obj``
-    changed since it was last shipped. Cyclic objects (fast mode refuses
-    them) and anything pickle cannot write return None: no shortcut then.
-    Not seen: a change in sharing alone (two attributes becoming the same,
-    equal-valued object), which does not change the bytes.
-    """
+
+class _FingerprintPickler(_RootPickler):
+    """Memo-less pickler for fingerprints: code that travels by value is
+    written as a digest of its cloudpickle bytes, so that a redefined class
+    or helper, or a changed class attribute, changes the fingerprint."""
+
+    def __init__(self, file: io.BytesIO, root: Any, root_rv: Any, buffer_callback: Any, code: dict[int, str]) -> None:
+        super().__init__(file, root, root_rv, buffer_callback)
+        self._code = code
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)) and _by_reference_impossible(obj) is not None:
+            digest = self._code.get(id(obj))
+            if digest is None:
+                # cloudpickle writes the class with its methods and the
+                # globals they use (helpers, constants), all by value.
+                digest = hashlib.sha256(cloudpickle.dumps(obj, protocol=PROTOCOL)).hexdigest()
+                self._code[id(obj)] = digest
+            return (_by_value_code, (digest,))
+        return super().reducer_override(obj)
+
+
+def _fingerprint_bytes(value: Any, root: Any, root_rv: Any, code: dict[int, str], fast: bool) -> bytes:
     out = io.BytesIO()
     buffers: list[memoryview] = []
 
@@ -246,13 +276,76 @@ def fast_digest(obj: Any, root_rv: Any) -> str | None:
         buffers.append(buf.raw())
         return False
 
-    try:
-        pickler = _RootPickler(out, obj, root_rv, keep)
-        pickler.fast = True  # type: ignore[attr-defined]
-        pickler.dump(obj)
-    except Exception:  # noqa: BLE001 - cyclic, local classes, lambdas...: no shortcut
+    pickler = _FingerprintPickler(out, root, root_rv, keep, code)
+    pickler.fast = fast  # type: ignore[attr-defined]
+    pickler.dump(value)
+    return _digest(out.getvalue(), buffers).encode()
+
+
+def _state_parts(root_rv: Any) -> list[tuple[str, Any]] | None:
+    """The (name, value) pairs of a reduce value's state, or None if it has another shape."""
+    if not (isinstance(root_rv, tuple) and len(root_rv) >= 3):
         return None
-    return "f" + _digest(out.getvalue(), buffers)
+    state = root_rv[2]
+    if isinstance(state, dict):
+        return list(state.items())
+    if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
+        return [*(state[0] or {}).items(), *(state[1] or {}).items()]
+    return None
+
+
+def fingerprint(obj: Any, root_rv: Any) -> str:
+    """What a worker's copy of ``obj`` must match: content, top-level sharing, by-value code.
+
+    Computed in the caller (is the kept payload still this object's state?)
+    and in workers (has a method changed the cached copy?). Three parts:
+
+    * content: a memo-less ("fast mode") pickle, hashed. Why memo-less:
+      pickle's memo dominates the cost of large containers; without it a
+      1M-entry dict pickles ~9x faster (0.09 s vs 0.84 s, measured). The
+      bytes are only hashed, never sent.
+    * code: classes and functions that travel by value (``__main__``,
+      notebooks, ``<locals>``, cloudpickle's by-value registry) enter as a
+      digest of their cloudpickle bytes, which hold their methods, class
+      attributes and the globals the methods use.
+    * sharing: which top-level attributes are the same object
+      (``self.b is self.a``). Memo-less bytes cannot see sharing at all.
+
+    Never raises. A part that fast mode refuses (a cycle) is hashed with the
+    memo; a part nothing can pickle (a worker-made lock or connection)
+    enters by type and identity. Not seen: a change in sharing *below* the
+    top level alone (``self.cfg['a'] = self.cfg['b']`` when both were equal
+    already), which leaves every byte the same (docs/state.md).
+    """
+    code: dict[int, str] = {}
+    h = hashlib.sha256()
+    parts = _state_parts(root_rv)
+    try:
+        h.update(_fingerprint_bytes(obj, obj, root_rv, code, fast=True))
+    except Exception:  # noqa: BLE001 - a cycle or an unpicklable part: hash part by part
+        h = hashlib.sha256(b"parts")
+        pieces: list[tuple[str, Any]] = [("<type>", (root_rv[0], root_rv[1]) if isinstance(root_rv, tuple) else type(obj))]
+        pieces += parts if parts is not None else [("<obj>", obj)]
+        for name, value in pieces:
+            h.update(repr(name).encode())
+            if value is obj:
+                h.update(b"<self>")
+                continue
+            for fast in (True, False):
+                try:
+                    h.update(_fingerprint_bytes(value, obj, root_rv, code, fast))
+                    break
+                except Exception:  # noqa: BLE001
+                    continue
+            else:
+                h.update(f"<unpicklable {type(value).__module__}.{type(value).__qualname__} at {id(value)}>".encode())
+    if parts is not None:
+        first: dict[int, int] = {}
+        for i, (_, value) in enumerate(parts):
+            j = first.setdefault(id(value), i)
+            if j != i:
+                h.update(f"<{i} is {j}>".encode())
+    return h.hexdigest()[:32]
 
 
 def dumps_value(value: Any) -> bytes:

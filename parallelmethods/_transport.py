@@ -5,10 +5,15 @@
 * ``file`` (loky): the payload in a file under /dev/shm, mapped by workers.
   The file of an object's last state is kept while the object lives (at
   most :data:`KEPT_FILES` objects, least recently used first out), so a
-  later call on an unchanged object skips pickling and writing: a fast
-  memo-less digest (:func:`~parallelmethods._serialize.fast_digest`) tells
-  that nothing changed, and warm workers already hold that state.
+  later call on an unchanged object skips pickling and writing: its
+  fingerprint (:func:`~parallelmethods._serialize.fingerprint`: content,
+  top-level sharing, by-value code) tells that nothing changed, and warm
+  workers already hold that state (they check their copy: _statecache).
 * ``cluster`` (dask): the payload bytes scattered once per call.
+
+Every payload carries a state-cache key made of the object's identity and
+its fingerprint (:func:`state_key`): workers never serve one object's copy
+to another object, nor an old state to a changed object.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from joblib.externals.loky.backend import resource_tracker
 
 from . import _dispatch
 from ._dispatch import FileHandle, LocalHandle
-from ._serialize import Payload, dumps_state, fast_digest, root_reduce
+from ._serialize import Payload, dumps_state, fingerprint, root_reduce
 
 if TYPE_CHECKING:
     from ._plan import Plan
@@ -56,6 +61,11 @@ def _shm_dir() -> str:
     return tempfile.gettempdir()
 
 
+def state_key(subject: Any, print_: str) -> str:
+    """The workers' cache key for ``subject`` in the state with fingerprint ``print_``."""
+    return f"{lineage_of(subject)}:{print_}"
+
+
 def serialize_subject(plan: Plan, root_rv: Any = None, digest: str | None = None) -> Payload:
     owner_name = type(plan.subject).__qualname__ if plan.kind == "method" else plan.label
     # marshal only for local workers: its format belongs to this exact Python
@@ -78,6 +88,7 @@ def _write(payload: Payload, lineage: str = "") -> FileHandle:
     return FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers), lineage)
 
 
+
 def lineage_of(subject: Any) -> str:
     """Which caller object a state belongs to, so workers can drop its old states."""
     return f"{os.getpid()}:{id(subject)}"
@@ -97,7 +108,7 @@ def _unlink(path: str) -> None:
 @dataclass
 class _Kept:
     ref: Any  # weakref to the object
-    quick: str  # fast_digest at the time it was shipped
+    quick: str  # fingerprint at the time it was shipped
     exclude: tuple[str, ...]
     handle: FileHandle
     in_use: int = 0
@@ -117,18 +128,17 @@ class _KeptFiles:
     def handle_for(self, plan: Plan) -> Iterator[FileHandle]:
         subject = plan.subject
         rv = root_reduce(subject, plan.exclude)  # once per call, shared by both passes
-        quick = fast_digest(subject, rv)
+        quick = fingerprint(subject, rv)
         key = id(subject)
         entry = None
-        if quick is not None:
-            with self._lock:
-                found = self._entries.get(key)
-                if found is not None and found.ref() is subject and found.quick == quick and found.exclude == plan.exclude:
-                    entry = found
-                    entry.in_use += 1
-                    self._entries.move_to_end(key)
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None and found.ref() is subject and found.quick == quick and found.exclude == plan.exclude:
+                entry = found
+                entry.in_use += 1
+                self._entries.move_to_end(key)
         if entry is None:
-            handle = _write(serialize_subject(plan, rv, quick), lineage_of(subject))
+            handle = _write(serialize_subject(plan, rv, state_key(subject, quick)), lineage_of(subject))
             entry = self._keep(subject, quick, plan.exclude, handle)
         try:
             yield entry.handle if entry is not None else handle
@@ -145,8 +155,8 @@ class _KeptFiles:
                     _unlink(entry.handle.path)
                 self._evict()
 
-    def _keep(self, subject: Any, quick: str | None, exclude: tuple[str, ...], handle: FileHandle) -> _Kept | None:
-        if quick is None or multiprocessing.parent_process() is not None:
+    def _keep(self, subject: Any, quick: str, exclude: tuple[str, ...], handle: FileHandle) -> _Kept | None:
+        if multiprocessing.parent_process() is not None:
             # Worker processes (a map nested in a map) are killed without
             # running atexit: they keep nothing that would outlive them.
             return None
@@ -212,7 +222,9 @@ def shipped(plan: Plan) -> Iterator[Shipment]:
     if plan.route == "cluster":
         from ._dask import scatter_payload
 
-        with scatter_payload(serialize_subject(plan), lineage_of(plan.subject)) as (handle, future):
+        rv = root_reduce(plan.subject, plan.exclude)
+        key = state_key(plan.subject, fingerprint(plan.subject, rv))
+        with scatter_payload(serialize_subject(plan, rv, key), lineage_of(plan.subject)) as (handle, future):
             yield Shipment(handle, future)
         return
     with KEPT.handle_for(plan) as file_handle:

@@ -30,7 +30,7 @@ def _next_map_works(backend: str) -> None:
 CRASH_TABLE = [
     # (what, call, expected exception, message match)
     ("pickling self", lambda o, b: F.HoldsLock().f.map([1], backend=b, n_jobs=N), SerializationError, r"self\.lock \(_thread\.lock\)"),
-    ("unpickling self in the worker", lambda o, b: F.UnpicklesBadly().f.map(range(4), backend=b, n_jobs=N), RuntimeError, "cannot be rebuilt here"),
+    ("unpickling self in the worker", lambda o, b: F.UnpicklesBadly().f.map(range(4), backend=b, n_jobs=N), ParallelMethodsError, r"while rebuilding self \(UnpicklesBadly\) in a worker: RuntimeError .*cannot be rebuilt here"),
     ("inside the method", lambda o, b: o.method_raises.map(range(10), backend=b, n_jobs=N), KeyError, "no 7"),
     ("pickling the result", lambda o, b: o.result_unpicklable.map(range(3), backend=b, n_jobs=N), SerializationError, "result of item 1"),
     ("unpickling the result", lambda o, b: o.result_fails_in_caller.map(range(3), backend=b, n_jobs=N), ParallelMethodsError, "could not be rebuilt in the caller"),
