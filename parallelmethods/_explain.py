@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import itertools
+import sys
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from ._options import Options
-from ._serialize import _children, _picklable, _type_name, describe_path_fix, dumps_state, dumps_value, find_unpicklable
-from .errors import SerializationError
+from ._serialize import (
+    Payload,
+    _children,
+    _picklable,
+    _type_name,
+    describe_path_fix,
+    dumps_state,
+    dumps_value,
+    find_unpicklable,
+    loads_value,
+)
 
 __all__ = ["Explanation", "explain"]
 
@@ -19,13 +33,34 @@ _ROUTES = {
 }
 
 
+#: Routes on which ``self`` is pickled and rebuilt in workers.
+_PICKLING_ROUTES = ("file", "cluster")
+
+#: How deep (and how wide at each level) the search for the attribute that
+#: cannot be rebuilt goes; beyond that the enclosing path is reported.
+_REBUILD_SEARCH_DEPTH = 3
+_REBUILD_SEARCH_WIDTH = 1000
+
+_SCALARS = (int, float, complex, str, bytes, bool, type(None))
+_CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
 @dataclass(frozen=True)
 class Problem:
-    """A path that cannot be serialized, with its type and the fix."""
+    """A path that cannot travel to workers, with its type, the fix and why.
+
+    ``stage`` is ``"serialize"`` (the path cannot be pickled, even with
+    cloudpickle) or ``"rebuild"`` (it pickles, but unpickling it, as a worker
+    would, raises). ``cause`` is the exception, as ``"Type: message"``;
+    ``message`` one sentence saying all of it.
+    """
 
     path: str
     type_name: str
     fix: str
+    stage: str = "serialize"
+    cause: str = ""
+    message: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,11 +87,19 @@ class Explanation:
     largest_attributes: tuple[tuple[str, int], ...] = ()
     excluded: tuple[str, ...] = ()
     problems: tuple[Problem, ...] = field(default=())
+    #: Whether ``self`` was rebuilt (unpickled, without ``__parallel_init__``)
+    #: in this process as a worker would: None where the route never pickles
+    #: it (reference, fork) or it could not be serialized at all.
+    rebuilds: bool | None = None
 
     @property
     def ok(self) -> bool:
-        """True when ``self`` can travel on the chosen route."""
-        return not self.problems or self.route == "reference"
+        """True when ``self`` can travel on the chosen route.
+
+        The reference and fork routes never pickle ``self``: problems listed
+        there only matter if you switch to a backend that does.
+        """
+        return self.route not in _PICKLING_ROUTES or not self.problems
 
     def __str__(self) -> str:
         lines = [
@@ -72,10 +115,20 @@ class Explanation:
             lines.extend(f"    self.{name:<20} {_human(size)}" for name, size in self.largest_attributes)
         if self.excluded:
             lines.append(f"  excluded:   {', '.join(self.excluded)} (rebuilt by __parallel_init__ in workers)")
-        if self.problems:
-            lines.append("  cannot be serialized:")
-            for p in self.problems:
+        unpicklable = [p for p in self.problems if p.stage != "rebuild"]
+        if unpicklable:
+            harmless = ""
+            if self.route not in _PICKLING_ROUTES:
+                harmless = " (harmless on this route, which never pickles self)"
+            lines.append(f"  cannot be serialized{harmless}:")
+            for p in unpicklable:
                 lines.append(f"    {p.path} ({p.type_name})")
+                lines.append(f"      fix: {p.fix}")
+        rebuild = [p for p in self.problems if p.stage == "rebuild"]
+        if rebuild:
+            lines.append("  cannot be rebuilt in a worker:")
+            for p in rebuild:
+                lines.append(f"    {p.message}")
                 lines.append(f"      fix: {p.fix}")
         return "\n".join(lines)
 
@@ -121,6 +174,8 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
     size: int | None = None
     problems: list[Problem] = []
     owner = type(subject).__qualname__ if plan.kind == "method" else plan.label
+    payload: Payload | None = None
+    failure: BaseException | None = None
     try:
         # As the map would: large plain-data attributes as marshal on the file route.
         payload = dumps_state(subject, exclude=plan.exclude, what="self", owner_name=owner, plain_as_marshal=plan.route == "file")
@@ -129,7 +184,8 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
             reason = "every class and function in it can be imported by name in a worker"
         if payload.marshalled:
             reason += "; plain-data attributes written with marshal: " + ", ".join(payload.marshalled)
-    except SerializationError:
+    except Exception as e:  # noqa: BLE001 - SerializationError, or anything a __reduce__ raises
+        failure = e
         serializer = None
         reason = "neither pickle nor cloudpickle can serialize it"
     largest: list[tuple[str, int]] = []
@@ -140,14 +196,29 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
                 continue
             try:
                 largest.append((name, len(dumps_value(child))))
-            except Exception:  # noqa: BLE001 - reported as a problem below
+            except Exception as e:  # noqa: BLE001 - reported as a problem below
                 found = find_unpicklable(child, f"self{suffix}") if not _picklable(child) else None
                 path, culprit = found if found is not None else (f"self{suffix}", child)
-                problems.append(Problem(path, _type_name(culprit), describe_path_fix(path, what="self", owner_name=owner)))
+                problems.append(_unpicklable(path, culprit, e, owner))
         largest.sort(key=lambda kv: -kv[1])
-    # The size and problems are reported on every route (they matter as soon
-    # as you switch backend); a serializer only where self is serialized.
-    serialized = plan.route not in ("reference", "fork")
+    if failure is not None and not problems:
+        # No attribute is to blame: the object itself (its __reduce__ or
+        # __getstate__ raises), or a function/class that cannot travel.
+        problems.append(_unpicklable("self", subject, failure, owner))
+    # The size and serialization problems are reported on every route (they
+    # matter as soon as you switch backend); a serializer, and the rebuild
+    # check, only where self is serialized.
+    serialized = plan.route in _PICKLING_ROUTES
+    rebuilds: bool | None = None
+    if serialized and payload is not None:
+        with _quiet_teardown() as failed:
+            broken = _rebuild_failure(payload)
+            rebuilds = broken is None
+            if broken is not None:
+                problems.append(_rebuild_problem(plan, subject, owner, broken))
+                _drop_frames(broken)
+                broken = None
+                failed.append(True)
     return Explanation(
         method=plan.label,
         backend=plan.backend_name,
@@ -160,4 +231,157 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
         largest_attributes=tuple(largest[:5]),
         excluded=plan.exclude,
         problems=tuple(problems),
+        rebuilds=rebuilds,
     )
+
+
+def _cause(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _unpicklable(path: str, culprit: Any, exc: BaseException, owner: str) -> Problem:
+    type_name = _type_name(culprit) if path != "self" else owner
+    cause = _cause(exc)
+    return Problem(
+        path,
+        type_name,
+        describe_path_fix(path, what="self", owner_name=owner),
+        stage="serialize",
+        cause=cause,
+        message=f"{path} ({type_name}) cannot be serialized, even with cloudpickle: {cause}",
+    )
+
+
+@contextlib.contextmanager
+def _quiet_teardown() -> Iterator[list[bool]]:
+    """Collect the half-built objects a failed rebuild leaves, without noise.
+
+    Why: their ``__del__`` may fail in turn (a half-rebuilt tqdm bar raises
+    another RecursionError when closed) and Python prints "Exception
+    ignored in ..." for each. Those raised on this thread while the window
+    is open come from the round trip and are dropped; other threads' are
+    passed on. Append to the yielded list to ask for a ``gc.collect()``
+    (paid only when a rebuild failed).
+    """
+    previous = sys.unraisablehook
+    me = threading.get_ident()
+
+    def hook(unraisable: Any) -> None:
+        if threading.get_ident() != me:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    failed: list[bool] = []
+    try:
+        yield failed
+        if failed:
+            gc.collect()
+    finally:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+
+
+def _drop_frames(exc: BaseException | None) -> None:
+    """Release the unpickler frames (and half-built objects) an exception holds."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__context__
+
+
+def _round_trip(load: Any) -> BaseException | None:
+    """Run ``load()`` (an unpickling) and return what it raised, or None.
+
+    Never raises, except KeyboardInterrupt: a RecursionError, a
+    ``__setstate__``'s own exception, even a SystemExit from a reduce
+    callable are all answers, not crashes of explain().
+    """
+    try:
+        rebuilt = load()
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - whatever rebuilding raises is the answer
+        return e
+    del rebuilt
+    return None
+
+
+def _failed_alone(value: Any) -> bool:
+    """True when ``value``, pickled alone and loaded back, fails to rebuild."""
+    exc = _value_rebuild_failure(value)
+    _drop_frames(exc)
+    return exc is not None
+
+
+def _rebuild_failure(payload: Payload) -> BaseException | None:
+    """Unpickle ``payload`` exactly as a worker does (main stream plus
+    out-of-band buffers, read-only like the worker's mapped file), without
+    ``__parallel_init__``; what that raised, or None.
+
+    Cost: one extra load of ``self`` in this process, dropped at once.
+    """
+    buffers = [memoryview(b).toreadonly() for b in payload.buffers]
+    return _round_trip(lambda: loads_value(payload.main, buffers=buffers))
+
+
+def _value_rebuild_failure(value: Any) -> BaseException | None:
+    """Pickle ``value`` alone with the library's serializer and load it back."""
+    try:
+        blob = dumps_value(value)
+    except Exception:  # noqa: BLE001 - cannot be pickled alone: not a rebuild problem
+        return None
+    return _round_trip(lambda: loads_value(blob))
+
+
+def _find_unrebuildable(value: Any, path: str, exclude: tuple[str, ...], depth: int = 0) -> tuple[str, Any] | None:
+    """The deepest path under ``value`` that fails to rebuild alone, or None.
+
+    Tries each child (top-level attributes of ``self`` first), pickled alone
+    and loaded back; descends into the first one that fails, up to
+    ``_REBUILD_SEARCH_DEPTH`` levels and ``_REBUILD_SEARCH_WIDTH`` children per level.
+    Below the top level it descends only through plain containers (dict,
+    list, tuple, set): inside another object the culprit is that object
+    (``self.bar``, a tqdm bar, rather than a function deep inside it).
+    """
+    if depth >= _REBUILD_SEARCH_DEPTH or (depth > 0 and not isinstance(value, _CONTAINERS)):
+        return None
+    try:
+        children = list(itertools.islice(_children(value), _REBUILD_SEARCH_WIDTH))
+    except Exception:  # noqa: BLE001 - an object whose state cannot be read: stop here
+        return None
+    for suffix, child in children:
+        if depth == 0 and suffix.lstrip(".") in exclude:
+            continue
+        if isinstance(child, _SCALARS) or child is value:
+            continue
+        if _failed_alone(child):
+            deeper = _find_unrebuildable(child, path + suffix, (), depth + 1)
+            return deeper if deeper is not None else (path + suffix, child)
+    return None
+
+
+def _rebuild_problem(plan: Any, subject: Any, owner: str, exc: BaseException) -> Problem:
+    what = f"self ({owner})" if plan.kind == "method" else plan.label
+    found = _find_unrebuildable(subject, "self", plan.exclude) if plan.kind == "method" else None
+    path, culprit = found if found is not None else ("self", subject)
+    type_name = _type_name(culprit) if found is not None else owner
+    cause = _cause(exc)
+    if found is not None:
+        fix = describe_path_fix(path, what="self", owner_name=owner)
+    elif plan.kind == "method":
+        fix = (
+            f"make {owner}'s __setstate__ (or __reduce__) able to rebuild it from its pickled state, "
+            "or use backend='threading' to share the object without copying it"
+        )
+    else:
+        fix = "make it importable by name in a worker, or use backend='threading'"
+    if isinstance(exc, RecursionError):
+        fix = (
+            f"{path} nests too deep (or refers to itself without end) to be unpickled within the "
+            f"recursion limit; {fix}"
+        )
+    where = "unpickling " if path == "self" else f"{path} ({type_name}) "
+    message = f"{where}fails while rebuilding {what} in a worker: {cause}"
+    return Problem(path, type_name, fix, stage="rebuild", cause=cause, message=message)
