@@ -17,7 +17,11 @@ When: only where nobody could tell the difference (:func:`marshal_plain_attribut
   attribute itself referenced only by ``self`` (:func:`_plain_size` reads
   reference counts): so no sharing with the rest of the state, no cycles;
 * local workers only (the file route): marshal's format belongs to one
-  Python version, and a dask worker may run another.
+  Python version, and a dask worker may run another;
+* CPython with the GIL only (:data:`MARSHAL_SUPPORTED`): the reference-count
+  check was measured and reasoned about there. On PyPy reference counts do
+  not exist, and on a free-threaded build (3.13t) other threads can take a
+  reference while we scan, and counts are biased per thread.
 
 Anything else is pickled as before. The result is an ordinary reduce value:
 ``marshal.loads(buffer)``, with the buffer out of band when large.
@@ -33,7 +37,10 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["MARSHAL_MIN_OBJECTS", "marshal_plain_attributes"]
+__all__ = ["MARSHAL_MIN_OBJECTS", "MARSHAL_SUPPORTED", "marshal_plain_attributes"]
+
+#: Where the marshal path is used at all (see the module docstring).
+MARSHAL_SUPPORTED = sys.implementation.name == "cpython" and bool(getattr(sys, "_is_gil_enabled", lambda: True)())
 
 _NEWOBJ = getattr(copyreg, "__newobj__")  # noqa: B009 - untyped in typeshed; the default object reduce
 _PLAIN_ATOMS = frozenset({str, bytes, int, float, complex, bool, type(None)})
@@ -142,6 +149,8 @@ def marshal_plain_attributes(obj: Any, root_rv: Any) -> tuple[Any, tuple[str, ..
     the process refers to it (another attribute, a global, a caller's local
     variable): those are pickled as usual, so sharing survives as before.
     """
+    if not MARSHAL_SUPPORTED:
+        return root_rv, ()
     if not (isinstance(root_rv, tuple) and len(root_rv) >= 3 and root_rv[0] is _NEWOBJ and type(root_rv[2]) is dict):
         return root_rv, ()
     state: dict[str, Any] = root_rv[2]
