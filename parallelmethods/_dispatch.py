@@ -43,8 +43,11 @@ Data flow for ``m.score.map(xs, n_jobs=2)``::
                                                                               -> RemoteError(i, ...)
         6 ◄──────────────────────────── bytes of (first, results, mutated, had_error)
           results placed by index; a RemoteError is re-raised with its own type
-          and a note naming the item; dead workers and timeouts become
-          WorkerCrashedError / TimeoutError, or are re-run  [_runner, _recovery]
+          and a note naming the item (a SystemExit or other non-Exception comes
+          back as a value with on_error="return", or as the __cause__ of a
+          ParallelMethodsError with "raise")  [_runner]
+          dead workers and timeouts become WorkerCrashedError / TimeoutError,
+          or are re-run: every item PENDING -> RUNNING -> DONE | FAILED  [_recovery]
 
 Why a file and not the task arguments for loky: loky re-pickles every task's
 arguments, so a 50 MB ``self`` inside the task would travel once per chunk.

@@ -109,7 +109,7 @@ def test_explain_main_class_serializer(tmp_path: object) -> None:
 
 @pytest.mark.parametrize("backend_name", ["loky", "multiprocessing"])
 def test_check_mutations_warns_on_process_backends(backend_name: str) -> None:
-    """check_mutations=True warns once when a worker changed self (the change is lost)."""
+    """check_mutations=True warns once when a worker changed self (the change is not sent back)."""
     m = M.Model(0)
     with pytest.warns(RuntimeWarning, match="changed self") as record:
         m.mutate.map(range(10), backend=backend_name, n_jobs=2, check_mutations=True)

@@ -1,0 +1,317 @@
+"""Recovery from pool failures, as an explicit state machine.
+
+The actors: the *runner* (``_runner.py``) cuts items into chunks and owns the
+*executor* (one ``joblib.Parallel`` call over a list of chunks) and the
+*collector* (turns a chunk's results into values, raises the method's own
+errors). This module owns the *units of work* and the only loop that moves
+them: :class:`Recovery` (loky's ``_ExecutorManagerThread`` in spirit: one
+loop, named states, a comment per transition).
+
+States. Every item belongs to exactly one unit (a chunk, or a single item
+after isolation) and is in that unit's state:
+
+=========  ==================================================================
+PENDING    not sent yet, or to be sent again
+RUNNING    handed to the pool in the current run; no result yet
+DONE       its result reached the caller (a value, or the method's own
+           exception with ``on_error="return"``)
+FAILED     lost to the pool for good: a ``WorkerCrashedError`` /
+           ``TimeoutError`` takes its place (``on_error="return"`` only)
+=========  ==================================================================
+
+Transitions happen only in :meth:`Recovery._move`. A *pool failure* is a
+worker that died (``os._exit``, a signal, the OOM killer) or a task that ran
+past ``timeout=``; it aborts the whole run, and every chunk that was sent
+but whose result had not reached the caller is *lost* (we cannot tell which
+of them were running, nor which item killed the worker). Then:
+
+- a chunk never handed to the pool goes back to PENDING as it was;
+- several items lost together (an *ambiguous* loss): each becomes its own
+  unit, marked *alone*, back to PENDING. Units marked alone run one at a
+  time, one item per task, with nothing else in the pool, so a later loss
+  is certainly that item's own. The ambiguous loss counts as one loss of
+  every item in it, but never fails an item by itself;
+- one item lost alone: its own loss. It runs again, alone, while its losses
+  are at most ``retries``; then it is FAILED (``on_error="return"``) or the
+  call raises (``on_error="raise"``).
+
+A method's own exception is never a loss and never re-runs. With
+``on_error="raise"`` and ``retries=0`` there is no recovery: the first pool
+failure raises, naming every item in flight.
+
+Exact execution counts (a *run* is a task that contained the item; a run
+that was lost may have stopped before the item started):
+
+- an item whose result reached the caller never runs again;
+- an item never sent before a failure runs once more, as part of a batch;
+- an item lost to the pool runs at most ``retries + 1`` times in all, with
+  one exception: with ``retries=0`` and ``on_error="return"``, an item lost
+  together with other in-flight items gets one run alone to tell whether it
+  is the culprit, so it runs at most twice;
+- hence an item that crashes its worker every time runs at most
+  ``max(retries + 1, 2)`` times when it was first lost in a batch, and
+  ``retries + 1`` times when it was first lost alone; an innocent item that
+  was merely in flight runs at most twice (once in the batch that died, once
+  alone) and gets its result.
+
+The cost of isolation: lost items re-run one at a time (one pool call each),
+so a crash while many items were in flight is slow to recover from, never
+wrong.
+
+End of a run: :meth:`Recovery.run` checks that every unit is DONE or FAILED
+and that the units cover every item exactly once; anything else is an
+internal error raised as ``ParallelMethodsError``, never a ``None`` in the
+results.
+"""
+
+from __future__ import annotations
+
+import enum
+import multiprocessing
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from ._compat import add_note
+from ._mpwatch import WorkerDied
+from .errors import ParallelMethodsError, WorkerCrashedError
+
+if TYPE_CHECKING:
+    from ._plan import Plan
+    from ._runner import _Collector, _Executor
+
+__all__ = ["State", "Recovery", "PoolFailure", "is_pool_failure", "map_pool_error"]
+
+
+class State(enum.Enum):
+    """Where an item is; see the module docstring."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Event(enum.Enum):
+    """What happened to a unit; :meth:`Recovery._move` maps (state, event) to the next state."""
+
+    SENT = "sent"  # put in the run about to start
+    RESULT = "result"  # its chunk's results reached the caller
+    UNSENT = "unsent"  # the run failed before the pool took the chunk
+    LOST_WITH_OTHERS = "lost with others"  # the run failed with several items in flight
+    LOST_ALONE = "lost alone"  # the run failed with this one item in flight
+
+
+# ----------------------------------------------------------------------------
+# Pool failures: what they are and which error names them.
+# ----------------------------------------------------------------------------
+
+
+class PoolFailure(Exception):
+    """The pool itself failed (dead worker, timeout) during one executor run.
+
+    ``dispatched``/``completed`` hold the first index of the chunks the pool
+    took and of those whose results reached the caller.
+    """
+
+    def __init__(self, error: BaseException, dispatched: set[int], completed: set[int]) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.dispatched = dispatched
+        self.completed = completed
+
+
+def is_pool_failure(err: BaseException) -> bool:
+    """A dead worker or a timeout, on any backend (as opposed to a method's error)."""
+    from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
+
+    if isinstance(err, (TimeoutError, multiprocessing.TimeoutError, WorkerDied, TerminatedWorkerError, BrokenProcessPool)):
+        return True
+    # dask retries a task whose worker died (distributed.scheduler.allowed-failures),
+    # then raises KilledWorker; data lost with the worker cancels its dependents.
+    return type(err).__name__ in ("KilledWorker", "FutureCancelledError")
+
+
+def _exit_codes(err: BaseException) -> tuple[int, ...]:
+    codes = getattr(err, "exitcodes", None)
+    if codes:
+        return tuple(codes)
+    return tuple(int(c) for c in re.findall(r"\((-?\d+)\)", str(err)))
+
+
+def _signal_name(code: int) -> str:
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"exit code {code}"
+    return f"exit code {code}"
+
+
+def describe_items(items: list[int]) -> str:
+    items = sorted(items)
+    if not items:
+        return "none"
+    shown = ", ".join(map(str, items[:10]))
+    return shown + (f", ... ({len(items)} in all)" if len(items) > 10 else "")
+
+
+def map_pool_error(plan: Plan, err: BaseException, in_flight: list[int]) -> BaseException:
+    """The error the user sees for a pool failure: WorkerCrashedError or TimeoutError."""
+    if isinstance(err, (TimeoutError, multiprocessing.TimeoutError)):
+        msg = (
+            f"{plan.label} took longer than timeout={plan.opts.timeout}s on an item "
+            f"(in flight: {describe_items(in_flight)}). "
+            + ("Process workers were stopped and replaced." if plan.route != "reference" else "The thread cannot be stopped and finishes in the background.")
+        )
+        return TimeoutError(msg)
+    if is_pool_failure(err):
+        codes = _exit_codes(err)
+        how = ", ".join(_signal_name(c) for c in codes) if codes else "unknown exit status"
+        msg = (
+            f"a worker process died while running {plan.label} ({how}). Likely causes: "
+            "os._exit() or sys.exit() in the method, a segfault in native code, or the OOM killer. "
+            f"Items in flight: {describe_items(in_flight)}. The pool was restarted; the next map works. "
+            "Use on_error='return' or retries=N to keep the other results."
+        )
+        return WorkerCrashedError(msg, method=plan.label, exitcodes=codes, items=tuple(sorted(in_flight)))
+    return err
+
+
+# ----------------------------------------------------------------------------
+# The state machine.
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Unit:
+    """Items ``first ... first + len(items) - 1``, sent together, in one state."""
+
+    first: int
+    items: list[Any]
+    state: State = State.PENDING
+    losses: int = 0  # runs of these items lost to the pool
+    alone: bool = False  # from now on runs alone: a loss is certainly its own
+
+
+def internal_error(what: str) -> ParallelMethodsError:
+    return ParallelMethodsError(f"parallelmethods internal error: {what}. Please report it with the call that caused it.")
+
+
+class Recovery:
+    """Runs ``items`` (indices ``start``...) to completion, recovering from pool failures.
+
+    :meth:`run` yields ``(first index, values)`` once for every item, as
+    results arrive or as items fail for good.
+    """
+
+    def __init__(self, plan: Plan, executor: _Executor, collector: _Collector, start: int, items: list[Any], chunk_size: int) -> None:
+        self.plan = plan
+        self.executor = executor
+        self.collector = collector
+        self.start = start
+        self.n_items = len(items)
+        self.units: dict[int, _Unit] = {start + i: _Unit(start + i, items[i : i + chunk_size]) for i in range(0, len(items), chunk_size)}
+        self.recover = plan.opts.on_error == "return" or plan.opts.retries > 0
+
+    # -- the only place where a unit changes state ---------------------------
+    def _move(self, unit: _Unit, event: Event) -> None:
+        match unit.state, event:
+            case State.PENDING, Event.SENT:
+                # Chosen for the next run (a batch of chunks, or one item alone).
+                unit.state = State.RUNNING
+            case State.RUNNING, Event.RESULT:
+                # Its results reached the caller: it never runs again.
+                unit.state = State.DONE
+            case State.RUNNING, Event.UNSENT:
+                # The run failed before the pool took it: it did not run, no loss.
+                unit.state = State.PENDING
+            case State.RUNNING, Event.LOST_WITH_OTHERS:
+                # Ambiguous loss: split into single items that each run alone;
+                # the loss counts for each of them, but fails none of them.
+                del self.units[unit.first]  # the chunk is gone; its items live on as singles
+                for offset, item in enumerate(unit.items):
+                    single = _Unit(unit.first + offset, [item], State.PENDING, unit.losses + 1, alone=True)
+                    self.units[single.first] = single
+            case State.RUNNING, Event.LOST_ALONE if unit.losses + 1 <= self.plan.opts.retries:
+                # Its own loss, retries left: run it again, alone.
+                unit.losses += 1
+                unit.alone = True
+                unit.state = State.PENDING
+            case State.RUNNING, Event.LOST_ALONE:
+                # Its own loss, no retries left: failed for good.
+                unit.losses += 1
+                unit.state = State.FAILED
+            case _:
+                raise internal_error(f"item {unit.first} cannot go from {unit.state.name} on {event.name}")
+
+    # -- scheduling ------------------------------------------------------------
+    def _next_run(self) -> list[_Unit]:
+        """Every pending batch unit together; else the first unit that runs alone."""
+        pending = [u for u in self.units.values() if u.state is State.PENDING]
+        batch = sorted((u for u in pending if not u.alone), key=lambda u: u.first)
+        if batch:
+            return batch
+        alone = sorted((u for u in pending if u.alone), key=lambda u: u.first)
+        return alone[:1]
+
+    # -- the loop ----------------------------------------------------------------
+    def run(self) -> Iterator[tuple[int, list[Any]]]:
+        timeout = self.plan.opts.timeout
+        while run := self._next_run():
+            for unit in run:
+                self._move(unit, Event.SENT)
+            outputs = self.executor.run([(u.first, u.items) for u in run], timeout)
+            try:
+                for first, results, mutated, had_error in outputs:
+                    done = self.units.get(first)
+                    if done is None or done.state is not State.RUNNING:
+                        raise internal_error(f"a result for item {first}, which is not running")
+                    values = self.collector.accept(first, results, mutated, had_error)
+                    if len(values) != len(done.items):
+                        raise internal_error(f"{len(values)} results for the {len(done.items)} items from {first}")
+                    self._move(done, Event.RESULT)
+                    yield first, values
+            except PoolFailure as failure:
+                yield from self._after_failure(run, failure)
+            finally:
+                outputs.close()  # now, not when a traceback lets go of it: joblib aborts here
+        self._check_resolved()
+
+    def _after_failure(self, run: list[_Unit], failure: PoolFailure) -> Iterator[tuple[int, list[Any]]]:
+        running = [u for u in run if u.state is State.RUNNING]
+        lost = [u for u in running if u.first in failure.dispatched]
+        in_flight = [u.first + i for u in lost for i in range(len(u.items))]
+        if not self.recover:
+            raise map_pool_error(self.plan, failure.error, in_flight) from failure.error
+        for unit in running:
+            if unit.first not in failure.dispatched:
+                self._move(unit, Event.UNSENT)
+        if len(in_flight) > 1:
+            for unit in lost:
+                self._move(unit, Event.LOST_WITH_OTHERS)
+            return
+        for unit in lost:  # the one item in flight (a run alone, or the last of a batch)
+            self._move(unit, Event.LOST_ALONE)
+            if unit.state is State.FAILED:
+                yield unit.first, [self._failed_value(unit, failure)]
+
+    def _failed_value(self, unit: _Unit, failure: PoolFailure) -> BaseException:
+        error = map_pool_error(self.plan, failure.error, [unit.first])
+        if self.plan.opts.on_error == "raise":
+            raise error from failure.error
+        error.__cause__ = failure.error
+        add_note(error, f"parallelmethods: raised by {self.plan.label} on item {unit.first}")
+        self.collector.count(1)
+        return error
+
+    def _check_resolved(self) -> None:
+        covered = 0
+        for unit in self.units.values():
+            if unit.state not in (State.DONE, State.FAILED):
+                raise internal_error(f"item {unit.first} is still {unit.state.name} at the end of the map")
+            covered += len(unit.items)
+        if covered != self.n_items:
+            raise internal_error(f"{covered} of {self.n_items} items were resolved")
