@@ -3,6 +3,56 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
+
+# Why: routing (_plan) tells "exactly joblib's own multiprocessing/loky
+# backend" (ours to watch, or to give a file) from a user's subclass of it
+# (Ray's RayBackend subclasses MultiprocessingBackend), and _mpwatch extends
+# MultiprocessingBackend. Only ParallelBackendBase is public
+# (``joblib.ParallelBackendBase`` from 1.5); the concrete classes live in the
+# private ``joblib._parallel_backends`` under these names in every version
+# checked. tests/test_compat.py checks each is still what joblib registers
+# under "threading", "sequential", "multiprocessing" and "loky".
+from joblib._parallel_backends import (
+    FallbackToBackend,
+    LokyBackend,
+    MultiprocessingBackend,
+    ParallelBackendBase,
+    SequentialBackend,
+    ThreadingBackend,
+)
+
+__all__ = [
+    "PY_3_11_PLUS",
+    "add_note",
+    "cloudpickle_by_value",
+    "LOKY_EXECUTOR_MODULE",
+    "raise_loky_leak_limit",
+    "FallbackToBackend",
+    "LokyBackend",
+    "MultiprocessingBackend",
+    "ParallelBackendBase",
+    "SequentialBackend",
+    "ThreadingBackend",
+    "REMOTE_BACKEND_MODULES",
+    "active_backend",
+    "registered_backends",
+    "external_backend_names",
+    "known_backend_names",
+    "backend_kwargs",
+    "backend_init_kwargs",
+    "multiprocessing_start_method",
+    "is_dask_backend",
+    "is_remote_backend",
+    "memmapping_pool",
+    "pool_processes",
+    "LOKY_WORKER_CMDLINE_MARK",
+    "loky_pool_errors",
+    "track_file",
+    "untrack_file",
+    "joblib_config_temp_folder",
+    "gil_enabled",
+]
 
 PY_3_11_PLUS = sys.version_info >= (3, 11)
 
@@ -79,3 +129,248 @@ def raise_loky_leak_limit(held: int) -> None:
     if _LOKY_LEAK_LIMIT is None:
         _LOKY_LEAK_LIMIT = int(getattr(executor, "_MAX_MEMORY_LEAK_SIZE"))  # noqa: B009
     setattr(executor, "_MAX_MEMORY_LEAK_SIZE", _LOKY_LEAK_LIMIT + held)  # noqa: B010
+
+
+# ---------------------------------------------------------------------------
+# joblib backends. Checked on joblib 1.4.2, 1.5.0, 1.5.1, 1.5.3 and 1.6.0;
+# the backend classes are imported at the top of this module (why: there).
+# ---------------------------------------------------------------------------
+
+#: Module prefixes of joblib backends whose workers run on other machines.
+#: Why: nothing in joblib's backend API says where the workers are. dask's
+#: backend is ``joblib._dask.DaskDistributedBackend`` (private module; 1.4 to
+#: 1.6); Ray's is ``ray.util.joblib.ray_backend.RayBackend`` (Ray 1.x, 2.x),
+#: a MultiprocessingBackend subclass that runs a Ray pool. A class from one
+#: of these modules anywhere in a backend's MRO marks it remote.
+REMOTE_BACKEND_MODULES = ("joblib._dask", "distributed", "dask", "ray")
+
+
+def active_backend() -> tuple[Any, int | None]:
+    """``(backend instance, n_jobs)`` that ``joblib.Parallel()`` would use here.
+
+    Why: no public joblib API returns the backend *instance* an enclosing
+    ``parallel_config(backend=...)`` (or ``parallel_backend``) made, with its
+    parameters; ``joblib.parallel.get_active_backend`` does (not exported
+    from ``joblib``, not documented; same signature and return value in
+    1.4.2 to 1.6.0). n_jobs is None when no config set one (1.5+; 1.4 gives
+    None too).
+    """
+    from joblib.parallel import get_active_backend
+
+    backend, n_jobs = get_active_backend()
+    return backend, n_jobs
+
+
+def registered_backends() -> dict[str, Any]:
+    """joblib's registry: name -> backend class or factory (``register_parallel_backend``).
+
+    Why: to name a backend instance and to suggest names; joblib has no
+    public accessor. ``joblib.parallel.BACKENDS`` is a plain dict in 1.4.2 to
+    1.6.0 (written by ``register_parallel_backend``).
+    """
+    from joblib.parallel import BACKENDS
+
+    return dict(BACKENDS)
+
+
+def external_backend_names() -> tuple[str, ...]:
+    """Names joblib registers on first use ("dask"): ``joblib.parallel.EXTERNAL_BACKENDS`` (1.4.2 to 1.6.0)."""
+    from joblib.parallel import EXTERNAL_BACKENDS
+
+    return tuple(EXTERNAL_BACKENDS)
+
+
+def known_backend_names() -> list[str]:
+    """Every backend name ``parallel_config(backend=...)`` accepts now."""
+    return sorted({*registered_backends(), *external_backend_names()})
+
+
+def backend_kwargs(backend: Any) -> dict[str, Any]:
+    """The keyword arguments a backend was created with (``parallel_config(backend=..., **kw)``).
+
+    Why: to recreate joblib's MultiprocessingBackend as our watched subclass
+    with the same parameters (``context=``...). joblib 1.5+ keeps them in
+    ``backend.backend_kwargs``; joblib 1.4's backends accept none (its
+    ``ParallelBackendBase.__init__`` passes them to ``object``), so {}.
+    """
+    return dict(getattr(backend, "backend_kwargs", None) or {})
+
+
+def backend_init_kwargs(backend: Any) -> dict[str, Any]:
+    """What to pass to a backend class to get another instance configured like ``backend``."""
+    kwargs = backend_kwargs(backend)
+    kwargs["nesting_level"] = getattr(backend, "nesting_level", None)
+    inner = getattr(backend, "inner_max_num_threads", None)
+    if inner is not None:
+        kwargs["inner_max_num_threads"] = inner
+    return kwargs
+
+
+def multiprocessing_start_method(backend: Any) -> str:
+    """The start method of the pool a joblib MultiprocessingBackend will create.
+
+    Why: joblib's ``MemmappingPool`` passes a ``context=`` backend argument
+    (``parallel_config(backend="multiprocessing", context=ctx)``, joblib
+    1.5+) on to ``multiprocessing.Pool``; without one the pool uses the
+    default context, whose start method is the one set by
+    ``multiprocessing.set_start_method`` or else the platform default: the
+    first of ``get_all_start_methods()`` (fork on Linux up to Python 3.13,
+    forkserver from 3.14; spawn on macOS and Windows). Asking
+    ``get_start_method()`` without ``allow_none`` would fix the default
+    context as a side effect, so it is not asked.
+    """
+    import multiprocessing
+
+    context = backend_kwargs(backend).get("context")
+    if context is not None:
+        return str(context.get_start_method())
+    method = multiprocessing.get_start_method(allow_none=True)
+    return method if method is not None else multiprocessing.get_all_start_methods()[0]
+
+
+def is_dask_backend(backend: Any) -> bool:
+    """joblib's ``DaskDistributedBackend`` (or a subclass), found without importing dask."""
+    return any(k.__name__ == "DaskDistributedBackend" and k.__module__ == "joblib._dask" for k in type(backend).__mro__)
+
+
+def is_remote_backend(backend: Any) -> bool:
+    """A backend from a cluster engine (dask, Ray): its workers may be on other machines."""
+    for klass in type(backend).__mro__:
+        module = getattr(klass, "__module__", "") or ""
+        if any(module == m or module.startswith(m + ".") for m in REMOTE_BACKEND_MODULES):
+            return True
+    return False
+
+
+def joblib_config_temp_folder() -> str | None:
+    """The ``temp_folder`` of the enclosing ``joblib.parallel_config`` (this thread), or None.
+
+    Why: payload files go where joblib would put its memmaps, and joblib has
+    no public getter. Entering ``parallel_config()`` with no arguments
+    changes nothing and returns the active config dict
+    (``parallel_config.__enter__``, joblib 1.3 to 1.6; unset keys hold a
+    private ``_Sentinel``). Anything unexpected reads as "not set", and
+    tests/test_compat.py fails loudly.
+    """
+    import os
+
+    import joblib
+
+    try:
+        with joblib.parallel_config() as config:
+            value = config.get("temp_folder") if isinstance(config, dict) else None
+    except Exception:  # noqa: BLE001 - a changed joblib: behave as if unset
+        return None
+    return os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+
+
+# ---------------------------------------------------------------------------
+# joblib's multiprocessing pool. Checked on joblib 1.4.2 to 1.6.0 and
+# CPython 3.10 to 3.14.
+# ---------------------------------------------------------------------------
+
+
+def memmapping_pool(n_jobs: int, **kwargs: Any) -> Any:
+    """joblib's ``MemmappingPool``, as ``MultiprocessingBackend.configure`` makes it.
+
+    Why: our watched backend (_mpwatch) builds the pool joblib would, minus
+    joblib's ``gc.collect()``. ``joblib.pool.MemmappingPool(processes,
+    **kwargs)`` has the same signature in 1.4.2 to 1.6.0 but is not part of
+    joblib's documented API.
+    """
+    from joblib.pool import MemmappingPool
+
+    return MemmappingPool(n_jobs, **kwargs)
+
+
+def pool_processes(pool: Any) -> list[Any]:
+    """The worker ``Process`` objects of a ``multiprocessing.Pool``.
+
+    Why: ``multiprocessing.Pool`` replaces a dead worker silently and the
+    task it held never completes; the watchdog reads the workers' exit codes.
+    The list is the private ``Pool._pool`` (CPython 3.8 to 3.14). If it is
+    gone, [] (the watchdog sees nothing) and tests/test_compat.py fails.
+    """
+    return list(getattr(pool, "_pool", None) or ())
+
+
+# ---------------------------------------------------------------------------
+# loky (vendored in joblib.externals.loky: joblib 1.4.2 has loky 3.4.1,
+# 1.5.x loky 3.5.3 to 3.5.6, 1.6.0 loky 3.5.x).
+# ---------------------------------------------------------------------------
+
+
+#: What the command line of a loky worker process contains (Linux
+#: ``/proc/<pid>/cmdline``). Why: a worker that saw its caller die stops the
+#: caller's idle loky workers (_orphan) and must tell them from any other
+#: process. loky starts workers as ``python -m
+#: joblib.externals.loky.backend.popen_loky_posix ...`` (``Popen.__module__``;
+#: joblib 1.4.2 to 1.6.0, POSIX).
+LOKY_WORKER_CMDLINE_MARK = "joblib.externals.loky.backend.popen_loky_posix"
+
+
+def loky_pool_errors() -> tuple[type[BaseException], ...]:
+    """loky's errors for a dead worker / broken executor: ``(BrokenProcessPool, TerminatedWorkerError)``.
+
+    Why: they mean "the pool failed", not "the method raised". joblib
+    vendors loky under ``joblib.externals``; the classes are in its
+    ``process_executor`` in every version checked.
+    """
+    from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
+
+    return (BrokenProcessPool, TerminatedWorkerError)
+
+
+def track_file(path: str) -> None:
+    """Have loky's resource tracker unlink ``path`` if this process dies without cleaning up.
+
+    Why: atexit does not run on SIGKILL / the OOM killer; the tracker process
+    joblib uses for its own memmaps does. ``resource_tracker.register(name,
+    "file")`` in ``joblib.externals.loky.backend.resource_tracker`` (1.4.2 to 1.6.0).
+    """
+    from joblib.externals.loky.backend import resource_tracker
+
+    resource_tracker.register(path, "file")
+
+
+def untrack_file(path: str) -> None:
+    """Undo :func:`track_file` once we removed ``path`` ourselves (exactly once per file)."""
+    from joblib.externals.loky.backend import resource_tracker
+
+    resource_tracker.unregister(path, "file")
+
+
+# ---------------------------------------------------------------------------
+# CPython.
+# ---------------------------------------------------------------------------
+
+
+def gil_enabled() -> bool:
+    """Whether this interpreter runs with the GIL.
+
+    Why: the marshal path (_plain) was measured on GIL builds of CPython
+    only. ``sys._is_gil_enabled()`` (3.13+, documented as a CPython detail);
+    before 3.13 every CPython build has the GIL.
+    """
+    probe = getattr(sys, "_is_gil_enabled", None)
+    return True if probe is None else bool(probe())
+
+
+def register_cloudpickle_reducer(cls: type, reducer: object) -> None:
+    """Make every cloudpickle pickler (joblib's loky transport, dask) reduce ``cls`` with ``reducer``.
+
+    Why: a decorated function of ``__main__`` reduces to its *name* for
+    stdlib pickle (as the undecorated function does, so ``Pool.map(square,
+    xs)`` keeps working), but a process that cloudpickle feeds (a loky or dask
+    worker) cannot resolve ``__main__.square``. cloudpickle consults
+    ``Pickler.dispatch_table`` before ``__reduce_ex__``; it is a ChainMap whose
+    first map is cloudpickle's own private ``_dispatch_table`` (checked on
+    cloudpickle 2.2.1 and 3.1.3), so this entry applies to all its picklers,
+    as copyreg does for pickle. tests/test_compat.py checks that it is used.
+    """
+    import cloudpickle
+
+    table = getattr(cloudpickle.Pickler, "dispatch_table", None)
+    if table is None:  # pragma: no cover - caught by tests/test_compat.py
+        return
+    table[cls] = reducer

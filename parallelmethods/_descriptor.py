@@ -14,10 +14,12 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import sys
 from types import GenericAlias, MethodType
-from typing import TYPE_CHECKING, Any, Callable, Concatenate, Generic, Iterable, Iterator, NamedTuple, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Concatenate, Generic, Iterable, Iterator, Literal, NamedTuple, ParamSpec, TypeVar, overload
 
-from ._options import Options, split_options
+from ._compat import register_cloudpickle_reducer
+from ._options import Options, check_option_names, split_options
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -111,6 +113,7 @@ class ParallelFunction(Generic[P, R]):
         # attrs) calls this again with a new owner, so owners are looked up
         # at bind time, never captured here.
         self._name = name
+        _declare_classvar_for_pydantic(owner, name)
 
     @overload
     def __get__(self, instance: None, owner: type | None = None) -> Self: ...
@@ -142,7 +145,8 @@ class ParallelFunction(Generic[P, R]):
                 return True
         return False
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        # Positional-only self: f(1, self=2) reaches a parameter named "self".
         return self._func(*args, **kwargs)  # type: ignore[no-any-return]
 
     # -- module functions have the parallel surface directly -------------
@@ -194,14 +198,95 @@ class ParallelFunction(Generic[P, R]):
         # Pickle by reference (module + qualname), as wrapt's pickling proxy:
         # stdlib pickle refuses a decorated function ("not the same object"),
         # and cloudpickle would otherwise copy it by value. Where no worker can
-        # import it (__main__, <locals>), carry the function itself by value.
+        # import it (__main__, <locals>), carry the function itself by value:
+        # then the raw function makes our pickler switch to cloudpickle, as
+        # the undecorated function would (a class pickled by value holds us,
+        # so a by-name lookup could not work while that class is being rebuilt).
+        #
+        # A module-level function of __main__ is written by name, as stdlib
+        # pickle writes the undecorated one, so that Pool.map(square, xs) and
+        # pickle.dumps(square) work where they did before (fork children have
+        # __main__). Our own shipping picklers never take that branch: they
+        # ask _travels_by_value() first and copy such functions by value.
         module, qualname = self.__module__, self.__qualname__
-        if module != "__main__" and "<locals>" not in qualname and _lookup_qualname(module, qualname) is self:
+        if "<locals>" not in qualname and _lookup_qualname(module, qualname) is self:
+            if module == "__main__":
+                return qualname
             return (_resolve_function, (module, qualname))
-        return (ParallelFunction, (self._target, self._options))
+        return self._reduce_by_value()
+
+    def _reduce_by_value(self) -> Any:
+        return (_rebuild_function, (self._target, self._options, self._name))
+
+    def _travels_by_value(self) -> bool:
+        """Whether a worker process could not find this object by name (``__main__``, ``<locals>``)."""
+        module, qualname = self.__module__, self.__qualname__
+        return module == "__main__" or "<locals>" in qualname or _lookup_qualname(module, qualname) is not self
 
     def __repr__(self) -> str:
         return f"<parallelizable {self._kind} {self.__qualname__}>"
+
+
+def _rebuild_function(target: Any, options: Options, name: str | None) -> ParallelFunction[Any, Any]:
+    """Unpickle a by-value :class:`ParallelFunction`, keeping the name it was bound under."""
+    pf: ParallelFunction[Any, Any] = ParallelFunction(target, options)
+    pf._name = name  # a class rebuilt by value gets setattr, not __set_name__
+    return pf
+
+
+def _declare_classvar_for_pydantic(owner: type, name: str) -> None:
+    """Annotate ``name`` as a ``ClassVar`` on a pydantic model, pydantic's own remedy.
+
+    Why: pydantic v2 takes an unannotated class attribute that is not a
+    function, property, classmethod or staticmethod for a field (and raises),
+    and a ``_name`` one for a private attribute (silently). A ``ClassVar``
+    annotation tells it "neither". Only pydantic models are touched; models
+    built by pydantic releases that check before ``__set_name__`` runs still
+    need ``model_config = ConfigDict(ignored_types=(ParallelFunction,))``.
+    """
+    pydantic = sys.modules.get("pydantic")
+    base = getattr(pydantic, "BaseModel", None)
+    if base is None or not isinstance(owner, type) or not issubclass(owner, base):
+        return
+    annotations = owner.__dict__.get("__annotations__")
+    if annotations is None:
+        annotations = {}
+        type.__setattr__(owner, "__annotations__", annotations)
+    annotations.setdefault(name, ClassVar[ParallelFunction[..., Any]])
+
+
+def _rebind(subject: Any, name: str, options: Options, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundParallelMethod[Any, Any]:
+    """Unpickle ``subject.name`` with its options and fixed arguments."""
+    bound = getattr(subject, name)
+    if not isinstance(bound, BoundParallelMethod):
+        msg = f"{subject!r}.{name} is no longer a @parallelizable method ({type(bound).__name__}); cannot unpickle it"
+        raise TypeError(msg)
+    return BoundParallelMethod(bound._func, bound._subject, bound._kind, options, args, kwargs)
+
+
+class _Doc:
+    """``__doc__`` that is the class docstring on the class (``inspect.getdoc``,
+    the API page) and the method's docstring on a bound object, as
+    :func:`functools.update_wrapper` would give."""
+
+    def __init__(self, class_doc: str | None) -> None:
+        self.class_doc = class_doc
+
+    def __get__(self, instance: Any, owner: type | None = None) -> str | None:
+        if instance is None:
+            return self.class_doc
+        doc: str | None = instance._func._func.__doc__
+        return doc
+
+
+def _cloudpickle_reduce(func: ParallelFunction[Any, Any]) -> Any:
+    # cloudpickle feeds other processes: a __main__ function travels by value there.
+    if func._travels_by_value():
+        return func._reduce_by_value()
+    return func.__reduce__()
+
+
+register_cloudpickle_reducer(ParallelFunction, _cloudpickle_reduce)
 
 
 class BoundParallelMethod(Generic[P, R]):
@@ -240,10 +325,7 @@ class BoundParallelMethod(Generic[P, R]):
             return getattr(self._func._func, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    @property
-    def __doc__(self) -> str | None:  # type: ignore[override]
-        doc: str | None = self._func._func.__doc__
-        return doc
+    __doc__ = _Doc(__doc__)  # type: ignore[assignment]
 
     @property
     def __wrapped__(self) -> Callable[..., Any]:
@@ -269,7 +351,31 @@ class BoundParallelMethod(Generic[P, R]):
         return f"<parallel bound method {self._func.__qualname__} of {self._subject!r}{extra}>"
 
     def __reduce__(self) -> Any:
-        return (BoundParallelMethod, (self._func, self._subject, self._kind, self._options, self._args, self._kwargs))
+        # Like a stdlib bound method, (getattr, (subject, name)): the subject
+        # carries its class, so stdlib pickle writes a __main__ class by name
+        # (fork children and the caller have it), and cloudpickle copies it
+        # by value; the descriptor itself is never named. Options and fixed
+        # arguments, when there are any, are re-applied by _rebind.
+        name = self._attribute_name()
+        if name is None:  # not reachable by name (a super() view, a detached descriptor)
+            return (BoundParallelMethod, (self._func, self._subject, self._kind, self._options, self._args, self._kwargs))
+        if self._options is self._func._options and not self._args and not self._kwargs:
+            return (getattr, (self._subject, name))
+        return (_rebind, (self._subject, name, self._options, self._args, self._kwargs))
+
+    def _attribute_name(self) -> str | None:
+        """A name under which ``getattr(subject, name)`` gives this descriptor again."""
+        if self._kind == "function":
+            return None
+        cls = type(self._subject) if self._kind == "method" else self._subject
+        names = [self._func._name, self._func.__name__]
+        for name in dict.fromkeys(n for n in names if n):
+            for klass in getattr(cls, "__mro__", ()):
+                if name in klass.__dict__:
+                    if _unwrap_descriptor(klass.__dict__[name]) is self._func:
+                        return name
+                    break
+        return None
 
     # -- plain call --------------------------------------------------------
     def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -287,8 +393,8 @@ class BoundParallelMethod(Generic[P, R]):
             >>> m.score.options(n_jobs=2).map([1, 2])
             [3, 6]
         """
-        where = f"{self._func.__qualname__}.options"
-        layer = split_options(options, where=where, allow_ordered=True)
+        check_option_names(options, where=f"{self._func.__qualname__}.options")
+        layer = split_options(options, where=f"{self._func.__qualname__}.options", allow_ordered=True)
         return BoundParallelMethod(self._func, self._subject, self._kind, self._options.merge(layer), self._args, self._kwargs)
 
     def partial(self, /, *args: Any, **kwargs: Any) -> BoundParallelMethod[..., R]:
@@ -312,8 +418,22 @@ class BoundParallelMethod(Generic[P, R]):
 
     def _layer(self, options: dict[str, Any], what: str, allow_ordered: bool) -> Options:
         self._check_bindable(what)
-        call = split_options(options, where=f"{self._func.__qualname__}.{what}", allow_ordered=allow_ordered)
+        call = split_options(options, where=f"{self._func.__qualname__}.{what}", allow_ordered=allow_ordered, parameter=self._takes_keyword)
         return self._options.merge(call)
+
+    def _takes_keyword(self, name: str) -> Literal["named", "any"] | None:
+        """Whether the method itself takes ``name=``: as a parameter, through ``**kwargs``, or not."""
+        try:
+            params = inspect.signature(self._func._func).parameters.values()
+        except (TypeError, ValueError):  # no signature (some builtins): cannot tell
+            return None
+        found: Literal["named", "any"] | None = None
+        for p in params:
+            if p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                return "named"
+            if p.kind is p.VAR_KEYWORD:
+                found = "any"
+        return found
 
     def map(self, /, *iterables: Iterable[Any], **options: Any) -> list[R]:
         """Call the method on every item, in parallel; results in input order.
@@ -362,6 +482,13 @@ class BoundParallelMethod(Generic[P, R]):
         from ._explain import explain_bound
 
         return explain_bound(self, self._layer(options, "explain", allow_ordered=True))
+
+
+def _unwrap_descriptor(attr: Any) -> Any:
+    """The ParallelFunction in a class attribute, through classmethod/staticmethod."""
+    if isinstance(attr, (classmethod, staticmethod)):
+        return attr.__func__
+    return attr
 
 
 def _check_iterable(obj: Any, where: str, position: str) -> Iterator[Any]:

@@ -68,7 +68,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from . import _statecache
+from . import _orphan, _statecache
 from ._serialize import dumps_value, loads_value
 from .errors import ParallelMethodsError, SerializationError
 
@@ -377,6 +377,9 @@ def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool, 
     ours to name. Returns ``(first, results, mutated, had_error)`` where a
     failed item's result is a :class:`RemoteError`.
     """
+    # A local process worker ends itself (and its caller's payload files)
+    # within a second of its caller's death: loky's would idle 300 s.
+    _orphan.watch_caller(handle)
     if serialized:
         spec = loads_value(spec)
         items = loads_value(items)

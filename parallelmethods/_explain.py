@@ -28,13 +28,14 @@ __all__ = ["Explanation", "explain"]
 _ROUTES = {
     "reference": "by reference: workers share this object (threads or your own process); nothing is copied",
     "fork": "fork inheritance: workers are forked after the object is registered and read it copy-on-write; never pickled",
-    "file": "serialized once per map call into a shared-memory file; each worker unpickles it at most once per distinct state (numpy buffers are memory-mapped, not copied)",
+    "file": "serialized once per map call into a payload file (/dev/shm when it has room, else joblib's temp folder); each worker unpickles it at most once per distinct state (numpy buffers are memory-mapped, not copied)",
     "cluster": "serialized once per map call and scattered to the cluster once; each dask worker unpickles it at most once per distinct state",
+    "inline": "serialized once per map call and sent as bytes inside every task (no shared file or fork assumed); each worker unpickles it at most once per distinct state",
 }
 
 
 #: Routes on which ``self`` is pickled and rebuilt in workers.
-_PICKLING_ROUTES = ("file", "cluster")
+_PICKLING_ROUTES = ("file", "cluster", "inline")
 
 #: How deep (and how wide at each level) the search for the attribute that
 #: cannot be rebuilt goes; beyond that the enclosing path is reported.

@@ -55,10 +55,14 @@ class ParallelMixin:
             attr = cls.__dict__.get(name)
             if attr is None or isinstance(attr, ParallelFunction):
                 continue  # inherited (already wrapped in its class) or already decorated
-            if isinstance(attr, classmethod) and isinstance(attr.__func__, ParallelFunction):
-                # classmethod(ParallelFunction) loses the class on 3.13+: normalize.
-                attr = classmethod(attr.__func__._target)
-            pf: ParallelFunction[Any, Any] = ParallelFunction(attr, Options())
+            options = Options()
+            if isinstance(attr, (classmethod, staticmethod)) and isinstance(attr.__func__, ParallelFunction):
+                # @classmethod written above @parallelizable(...): classmethod(ParallelFunction)
+                # loses the class on 3.13+. Normalize to the documented order, keeping the
+                # decorator's options (issue 14).
+                inner = attr.__func__
+                attr, options = type(attr)(inner._target), inner._options
+            pf: ParallelFunction[Any, Any] = ParallelFunction(attr, options)
             pf.__set_name__(cls, name)
             setattr(cls, name, pf)
 

@@ -7,6 +7,14 @@ Why: ``multiprocessing.Pool`` silently replaces a worker that died
 pool's processes; when one ends, every pending task's callback is called with
 :class:`WorkerDied`, which joblib reports as the task's error, aborting the
 call and terminating the pool.
+
+It is used for joblib's own ``MultiprocessingBackend`` only (_plan swaps
+that exact class for this one): a user's subclass (Ray's ``RayBackend``...)
+is never replaced, so it is not watched either.
+
+joblib 1.4 schedules tasks with ``backend.apply_async``; 1.5 renamed it
+``submit`` (and calls only that). Both are overridden here, so the watchdog
+sees every task on 1.4.2 to 1.6.0.
 """
 
 from __future__ import annotations
@@ -15,8 +23,7 @@ import itertools
 import threading
 from typing import Any
 
-from joblib._parallel_backends import FallbackToBackend, MultiprocessingBackend, SequentialBackend
-from joblib.pool import MemmappingPool
+from ._compat import FallbackToBackend, MultiprocessingBackend, SequentialBackend, backend_kwargs, memmapping_pool, pool_processes
 
 __all__ = ["WatchedMultiprocessingBackend", "WorkerDied"]
 
@@ -49,7 +56,7 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[mis
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
-        self._pool = MemmappingPool(n_jobs, **{**self.backend_kwargs, **pool_kwargs})
+        self._pool = memmapping_pool(n_jobs, **{**backend_kwargs(self), **pool_kwargs})
         self.parallel = parallel
         self._pending: dict[int, Any] = {}
         self._keys = itertools.count()
@@ -58,7 +65,7 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[mis
         # Snapshot now: Pool.__init__ has started every worker, and one that
         # dies before our first poll is reaped and replaced by the pool's own
         # maintenance thread; we would never see it.
-        workers = list(getattr(self._pool, "_pool", ()))
+        workers = pool_processes(self._pool)
         self._watchdog = threading.Thread(target=self._watch, args=(self._pool, self._stop, workers), name="parallelmethods-mp-watchdog", daemon=True)
         self._watchdog.start()
         return n_jobs  # type: ignore[no-any-return]
@@ -76,7 +83,14 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[mis
 
         with self._pending_lock:
             self._pending[key] = callback
-        return super().submit(func, callback=done)
+        parent = super()
+        # joblib 1.5+: PoolManagerMixin.submit; joblib 1.4: its apply_async.
+        schedule = getattr(parent, "submit", None) or getattr(parent, "apply_async")  # noqa: B009
+        return schedule(func, callback=done)
+
+    def apply_async(self, func: Any, callback: Any = None) -> Any:
+        # joblib 1.4's Parallel calls this name (1.5+ calls submit only).
+        return self.submit(func, callback=callback)
 
     def retrieve_result_callback(self, result: Any) -> Any:
         if isinstance(result, _Died):
@@ -85,10 +99,9 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[mis
 
     def _watch(self, pool: Any, stop: threading.Event, seen: list[Any]) -> None:
         while not stop.wait(POLL_SECONDS):
-            # pool._pool is multiprocessing.Pool's list of worker processes; the
-            # pool's own maintenance thread removes dead ones, so we keep every
-            # one we have seen and read its exit code ourselves.
-            for proc in list(getattr(pool, "_pool", ())):
+            # The pool's own maintenance thread removes dead workers from its
+            # list, so we keep every one we have seen and read its exit code.
+            for proc in pool_processes(pool):
                 if proc not in seen:
                     seen.append(proc)
             dead = tuple(p.exitcode for p in seen if p.exitcode is not None)

@@ -13,11 +13,12 @@ it is given, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import numbers
-from typing import Any, Final, Literal
+from typing import Any, Callable, Final, Iterable, Literal
 
-__all__ = ["UNSET", "Options", "OPTION_NAMES", "Resolved", "resolve", "split_options"]
+__all__ = ["UNSET", "Options", "OPTION_NAMES", "Resolved", "resolve", "split_options", "check_option_names"]
 
 
 class _Unset(enum.Enum):
@@ -38,9 +39,9 @@ _PROCESS_FREE_BACKENDS = ("threading", "sequential")
 
 
 def _known_backends() -> list[str]:
-    from joblib.parallel import BACKENDS, EXTERNAL_BACKENDS
+    from ._compat import known_backend_names
 
-    return sorted({*BACKENDS, *EXTERNAL_BACKENDS})
+    return known_backend_names()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,18 +91,60 @@ class Options:
 OPTION_NAMES: Final = frozenset(f.name for f in dataclasses.fields(Options))
 
 
-def split_options(kwargs: dict[str, Any], *, where: str, allow_ordered: bool) -> Options:
+def _did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def check_option_names(kwargs: dict[str, Any], *, where: str) -> None:
+    """Reject keywords that are not options, with a "did you mean" when one is close.
+
+    Used where only options are accepted (the decorator, ``.options()``).
+    """
+    for name in kwargs:
+        if name not in OPTION_NAMES:
+            close = _did_you_mean(name, OPTION_NAMES)
+            hint = f"did you mean {close!r}? " if close else ""
+            msg = (
+                f"{where}() got an unexpected keyword argument {name!r}: {hint}"
+                f"the options are {', '.join(sorted(OPTION_NAMES))}"
+            )
+            raise TypeError(msg)
+
+
+def split_options(
+    kwargs: dict[str, Any],
+    *,
+    where: str,
+    allow_ordered: bool,
+    parameter: Callable[[str], Literal["named", "any"] | None] = lambda name: None,
+) -> Options:
     """Build :class:`Options` from call keywords, rejecting anything else.
 
     ``where`` names the call for the message (``"Model.score.map"``).
+    ``parameter(name)`` says whether the method itself takes that keyword:
+    ``"named"`` (one of its parameters: ``.partial(name=...)`` is the fix),
+    ``"any"`` (only through ``**kwargs``: the closest option, if any, is
+    suggested first, then ``.partial``) or None (the closest option only:
+    ``njobs`` -> ``n_jobs``).
     """
-    unknown = [k for k in kwargs if k not in OPTION_NAMES]
-    if unknown:
-        fixed = ", ".join(f"{k}={kwargs[k]!r}" for k in unknown)
+    for name in kwargs:
+        if name in OPTION_NAMES:
+            continue
+        kind = parameter(name)
+        close = None if kind == "named" else _did_you_mean(name, OPTION_NAMES)
+        hint = f"did you mean {close!r}? " if close else ""
+        if kind is None:
+            msg = (
+                f"{where}() got an unexpected keyword argument {name!r}: {hint}"
+                f"it is neither an option ({', '.join(sorted(OPTION_NAMES))}) nor a parameter of the method"
+            )
+            raise TypeError(msg)
+        fixed = ", ".join(f"{k}={v!r:.40}" for k, v in kwargs.items() if k not in OPTION_NAMES)
         msg = (
-            f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}: "
-            f"only options ({', '.join(sorted(OPTION_NAMES))}) are accepted here. "
-            f"To pass a fixed argument to every call, use .partial({fixed}).map(...)"
+            f"{where}() got an unexpected keyword argument {name!r}: {hint}only options "
+            f"({', '.join(sorted(OPTION_NAMES))}) are accepted here. To pass {name}= to every call "
+            f"of the method, fix it first: .partial({fixed}).{where.rsplit('.', 1)[-1]}(...)"
         )
         raise TypeError(msg)
     if not allow_ordered and "ordered" in kwargs:
@@ -136,14 +179,12 @@ def _validate(opts: Options) -> None:
             raise TypeError(msg)
         known = _known_backends()
         if backend not in known:
-            import difflib
-
-            close = difflib.get_close_matches(backend, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            close = _did_you_mean(backend, known)
+            hint = f"did you mean {close!r}? " if close else ""
             msg = (
-                f"backend={backend!r} is not a known joblib backend; expected one of "
-                f"{', '.join(map(repr, known))}, or one registered with "
-                f"joblib.register_parallel_backend.{hint}"
+                f"backend={backend!r} is not a known joblib backend; {hint}expected one of "
+                f"{', '.join(map(repr, known))}, or a name registered with "
+                "joblib.register_parallel_backend"
             )
             raise ValueError(msg)
 

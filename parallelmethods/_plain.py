@@ -37,10 +37,12 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from . import _compat
+
 __all__ = ["MARSHAL_MIN_OBJECTS", "MARSHAL_SUPPORTED", "marshal_plain_attributes"]
 
 #: Where the marshal path is used at all (see the module docstring).
-MARSHAL_SUPPORTED = sys.implementation.name == "cpython" and bool(getattr(sys, "_is_gil_enabled", lambda: True)())
+MARSHAL_SUPPORTED = sys.implementation.name == "cpython" and _compat.gil_enabled()
 
 _NEWOBJ = getattr(copyreg, "__newobj__")  # noqa: B009 - untyped in typeshed; the default object reduce
 _PLAIN_ATOMS = frozenset({str, bytes, int, float, complex, bool, type(None)})

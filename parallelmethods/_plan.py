@@ -1,21 +1,50 @@
 """Everything decided before any work starts: backend, worker count, route for ``self``.
 
-The route follows the backend class, not its name, so an enclosing
-``joblib.parallel_config(...)`` is honoured exactly as joblib would:
+The backend is the instance joblib itself would use (an enclosing
+``joblib.parallel_config(...)`` is honoured exactly as joblib would), and the
+route follows what its workers are, read from joblib's public backend
+attributes (``uses_threads``, ``supports_sharedmem``) and exact classes;
+never the name it was registered under:
 
-========================================  ===========  ======================================
-backend                                   route        why
-========================================  ===========  ======================================
-threading, sequential, or 1 worker        reference    same process: share self, copy nothing
-multiprocessing with the fork start       fork         the pool forks after self is registered
-dask (DaskDistributedBackend)             cluster      other machines: bytes, scattered once
-loky and other process backends           file         reusable workers: pickle once, cache
-========================================  ===========  ======================================
+===========================================  =========  ==============================================
+backend                                      route      why
+===========================================  =========  ==============================================
+workers are threads or share memory          reference  same process: share self, copy nothing
+(``uses_threads``/``supports_sharedmem``:
+threading, sequential, user thread
+backends), or 1 worker (joblib then runs
+the tasks in the caller)
+joblib's own MultiprocessingBackend          fork       our watched subclass forks after self is
+(exact type), fork start method                         registered: inherited, never pickled
+the same, any other start method             file       fresh local processes: pickle once, map a file
+(forkserver: Python 3.14's default; spawn)
+joblib's own LokyBackend and subclasses      file       loky's local reusable workers: pickle once,
+of LokyBackend                                          cache by state
+dask (``DaskDistributedBackend``)            cluster    other machines: bytes, scattered once
+Ray and other remote backends (a class       inline     other machines: bytes inside every task
+from ``ray``/``dask``/``distributed``),                 (no shared file system, no scatter API)
+a user's MultiprocessingBackend subclass,
+any other process backend
+===========================================  =========  ==============================================
+
+Only joblib's own ``MultiprocessingBackend`` is swapped for our
+:class:`~parallelmethods._mpwatch.WatchedMultiprocessingBackend` (joblib's
+documented extension point: the same pool, plus a dead-worker watchdog);
+any other backend instance, a user's subclass included, is used as given.
+A subclass of MultiprocessingBackend gets the bytes ("inline") route, not
+the fork route: fork inheritance only holds for the pool we create; a
+subclass of LokyBackend keeps loky's local workers, which share our file
+system, so it gets the file route.
+
+The "inline" route sends the payload in every task's arguments: one copy per
+chunk (about 4 per worker per map), each worker unpickles it at most once
+per distinct state. That is acceptable for the generic remote backend (no
+scatter or object store to use through joblib's API); dask has its own
+scatter-once route.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import sys
 import uuid
@@ -23,17 +52,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import joblib
-from joblib._parallel_backends import MultiprocessingBackend, SequentialBackend, ThreadingBackend
-from joblib.parallel import get_active_backend
 
-from . import _dispatch
+from . import _compat, _dispatch
+from ._compat import LokyBackend, MultiprocessingBackend, SequentialBackend
 from ._mpwatch import WatchedMultiprocessingBackend
 from ._options import Options, Resolved, resolve
 
 if TYPE_CHECKING:
     from ._descriptor import BoundParallelMethod
 
-__all__ = ["Plan", "plan_for"]
+__all__ = ["Plan", "plan_for", "route_for"]
 
 
 @dataclass
@@ -45,7 +73,7 @@ class Plan:
     backend_name: str
     n_jobs: int
     effective_n_jobs: int
-    route: str  # "reference" | "fork" | "file" | "cluster"
+    route: str  # "reference" | "fork" | "file" | "cluster" | "inline"
     subject: Any
     kind: str
     name: str
@@ -53,28 +81,67 @@ class Plan:
     label: str
     exclude: tuple[str, ...]
     spec: tuple[Any, ...] = field(default=())
+    #: Where the workers run: "caller" (joblib runs the tasks in this
+    #: process), "threads", "local processes" or "remote".
+    workers: str = "local processes"
 
 
 def _backend_name(backend: Any) -> str:
-    from joblib.parallel import BACKENDS
-
-    for name, cls in BACKENDS.items():
+    for name, cls in _compat.registered_backends().items():
         if type(backend) is cls:
             return str(name)
-    if isinstance(backend, MultiprocessingBackend):
+    if type(backend) is WatchedMultiprocessingBackend:
         return "multiprocessing"
     return type(backend).__name__
 
 
+def _uses_threads(backend: Any) -> bool:
+    """joblib's public capability flags: the workers share this process's memory."""
+    return bool(getattr(backend, "uses_threads", False) or getattr(backend, "supports_sharedmem", False))
+
+
+def route_for(backend: Any, effective_n_jobs: int) -> tuple[str, str]:
+    """``(route, workers)`` for ``backend``; see the table in the module docstring.
+
+    ``backend`` is the instance that will run (joblib's MultiprocessingBackend
+    already swapped for the watched one by :func:`_own_backend`).
+    """
+    if isinstance(backend, SequentialBackend) or effective_n_jobs == 1:
+        return "reference", "caller"  # joblib runs n_jobs=1 in the caller itself
+    if _uses_threads(backend):
+        return "reference", "threads"
+    if _compat.is_dask_backend(backend):
+        return "cluster", "remote"
+    if _compat.is_remote_backend(backend):
+        return "inline", "remote"
+    if type(backend) is WatchedMultiprocessingBackend:
+        if _compat.multiprocessing_start_method(backend) == "fork":
+            return "fork", "local processes"
+        return "file", "local processes"
+    if isinstance(backend, LokyBackend):
+        return "file", "local processes"  # loky's workers: local, share our file system
+    if isinstance(backend, MultiprocessingBackend):
+        return "inline", "local processes"  # a user's pool: not forked by us
+    return "inline", "remote"  # unknown: assume nothing about where it runs
+
+
+def _own_backend(backend: Any) -> Any:
+    """joblib's own MultiprocessingBackend becomes our watched one; anything else is kept."""
+    if type(backend) is MultiprocessingBackend:
+        # joblib's pool waits forever on a task whose worker died; ours watches.
+        return WatchedMultiprocessingBackend(**_compat.backend_init_kwargs(backend))
+    return backend
+
+
 def _active_backend(backend_opt: str | None) -> tuple[Any, int | None]:
     if backend_opt is None:
-        backend, n_jobs = get_active_backend()
+        backend, n_jobs = _compat.active_backend()
     else:
         if backend_opt == "dask":
             _require_dask_client()
         with joblib.parallel_config(backend=backend_opt):
-            backend, n_jobs = get_active_backend()
-    if type(backend).__name__ == "DaskDistributedBackend":
+            backend, n_jobs = _compat.active_backend()
+    if _compat.is_dask_backend(backend):
         _require_dask_client()
     return backend, n_jobs
 
@@ -124,26 +191,22 @@ def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options, star: bool = 
     # Our default is all cores (-1); joblib's own "unset" means 1. An enclosing
     # parallel_config(n_jobs=...) still wins over that default.
     n_jobs: int = opts.n_jobs if opts.n_jobs is not None else (config_n_jobs if config_n_jobs is not None else -1)
-    if isinstance(backend, MultiprocessingBackend) and not isinstance(backend, WatchedMultiprocessingBackend):
-        # joblib's pool waits forever on a task whose worker died; ours watches.
-        backend = WatchedMultiprocessingBackend(nesting_level=backend.nesting_level, **backend.backend_kwargs)
+    backend = _own_backend(backend)
     effective = backend.effective_n_jobs(n_jobs)
     backend_name = _backend_name(backend)
+    route, workers = route_for(backend, effective)
 
-    if isinstance(backend, (ThreadingBackend, SequentialBackend)) or effective == 1:
-        route = "reference"  # same process: share self, never copy it
-    elif isinstance(backend, MultiprocessingBackend) and multiprocessing.get_start_method() == "fork":
-        route = "fork"  # workers are forked after we register self: inherited
-    elif backend_name == "dask" or type(backend).__name__ == "DaskDistributedBackend":
-        route = "cluster"
-    else:
-        route = "file"  # loky's reusable workers: ship once, cache by digest
-
-    if opts.timeout is not None and route == "reference" and not isinstance(backend, ThreadingBackend):
+    if opts.timeout is not None and workers == "caller":
         msg = (
             f"timeout={opts.timeout} cannot be enforced: with backend={backend_name!r} and "
             f"{effective} worker the work runs in your own process and cannot be stopped. "
             "Use n_jobs >= 2 with a process backend, or backend='threading'."
+        )
+        raise ValueError(msg)
+    if opts.timeout is not None and not getattr(backend, "supports_timeout", False):
+        msg = (
+            f"timeout={opts.timeout} cannot be enforced: backend {backend_name!r} does not support "
+            "timeouts (its supports_timeout is False). Use backend='loky' or 'threading'."
         )
         raise ValueError(msg)
 
@@ -157,12 +220,13 @@ def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options, star: bool = 
         label, exclude = bound._func.__qualname__, ()
     else:
         label, exclude = f"{subject.__qualname__}.{name}", ()
-    plan = Plan(opts, backend, backend_name, n_jobs, effective, route, subject, kind, name, mro_index, label, exclude)
+    plan = Plan(opts, backend, backend_name, n_jobs, effective, route, subject, kind, name, mro_index, label, exclude, workers=workers)
     owner = type(subject).__qualname__ if kind == "method" else label
     # Local process workers follow the caller's cwd and sys.path (the loop's
     # view); threads share them already; a cluster's workers keep their own
     # (another machine may not have the folder: docs/clusters.md).
-    context = _dispatch.CallContext(uuid.uuid4().hex, _cwd(), tuple(sys.path), route in ("fork", "file"), exclude, owner)
+    follow = workers == "local processes" and route != "reference"
+    context = _dispatch.CallContext(uuid.uuid4().hex, _cwd(), tuple(sys.path), follow, exclude, owner)
     plan.spec = (kind, name, mro_index, bound._args, bound._kwargs, opts.on_error, opts.check_mutations, context, star)
     return plan
 

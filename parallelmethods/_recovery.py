@@ -72,7 +72,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ._compat import add_note
+from ._compat import add_note, loky_pool_errors
 from ._mpwatch import WorkerDied
 from .errors import ParallelMethodsError, WorkerCrashedError
 
@@ -123,9 +123,7 @@ class PoolFailure(Exception):
 
 def is_pool_failure(err: BaseException) -> bool:
     """A dead worker or a timeout, on any backend (as opposed to a method's error)."""
-    from joblib.externals.loky.process_executor import BrokenProcessPool, TerminatedWorkerError
-
-    if isinstance(err, (TimeoutError, multiprocessing.TimeoutError, WorkerDied, TerminatedWorkerError, BrokenProcessPool)):
+    if isinstance(err, (TimeoutError, multiprocessing.TimeoutError, WorkerDied, *loky_pool_errors())):
         return True
     # dask retries a task whose worker died (distributed.scheduler.allowed-failures),
     # then raises KilledWorker; data lost with the worker cancels its dependents.

@@ -191,6 +191,11 @@ def _rebuild_error(plan: Plan, err: RemoteError) -> BaseException:
     note = f"parallelmethods: raised by {plan.label} on item {err.index}"
     if err.exc is not None:
         exc = err.exc
+        if isinstance(exc, SystemExit) and exc.code is None and exc.args:
+            # tblib's pickling support, which dask.distributed installs for every
+            # exception class, rebuilds a SystemExit without running its __init__,
+            # so ``code`` comes back None; it is derived from args as __init__ does.
+            exc.code = exc.args[0] if len(exc.args) == 1 else exc.args
         if exc.__cause__ is None and err.traceback_text and exc.__traceback__ is None:
             exc.__cause__ = _RemoteTraceback(err.traceback_text)
     else:

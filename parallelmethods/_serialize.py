@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 import cloudpickle
 
 from ._compat import cloudpickle_by_value
+from ._descriptor import ParallelFunction
 from ._plain import marshal_plain_attributes
 from .errors import SerializationError
 
@@ -94,6 +95,10 @@ class _Pickler(_RootPickler):
             if why is not None:
                 raise _NeedsCloudpickle(why)
             return NotImplemented
+        if isinstance(obj, ParallelFunction) and obj._travels_by_value():
+            # Its __reduce__ names a __main__ function (for stdlib pickle
+            # users); workers need the function itself.
+            raise _NeedsCloudpickle(f"{obj.__qualname__} is defined in {obj.__module__}, which workers cannot import")
         return super().reducer_override(obj)
 
 
@@ -108,7 +113,21 @@ class _CloudPickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
         if obj is self._root and self._root_rv is not None:
             return fresh(self._root_rv)
+        if isinstance(obj, ParallelFunction) and obj._travels_by_value():
+            return obj._reduce_by_value()  # the function itself, by value (not its __main__ name)
         return super().reducer_override(obj)
+
+
+def cloud_dumps(obj: Any) -> bytes:
+    """``cloudpickle.dumps`` that copies decorated ``__main__`` functions by value too.
+
+    Why not plain ``cloudpickle.dumps``: a ``ParallelFunction`` of ``__main__``
+    reduces to its name (so stdlib pickle users keep working), which a
+    worker process cannot resolve.
+    """
+    out = io.BytesIO()
+    _CloudPickler(out, None, None, None).dump(obj)
+    return out.getvalue()
 
 
 def root_reduce(obj: Any, exclude: tuple[str, ...] = ()) -> Any:
@@ -122,6 +141,8 @@ def root_reduce(obj: Any, exclude: tuple[str, ...] = ()) -> Any:
     """
     if isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
         return None
+    if isinstance(obj, ParallelFunction):  # a decorated module function as the subject
+        return obj._reduce_by_value() if obj._travels_by_value() else None
     try:
         rv = _reduce_without(obj, exclude) if exclude else obj.__reduce_ex__(PROTOCOL)
     except Exception:  # noqa: BLE001 - the pickler asks again and reports it as a SerializationError
@@ -262,9 +283,11 @@ class _FingerprintPickler(_RootPickler):
             if digest is None:
                 # cloudpickle writes the class with its methods and the
                 # globals they use (helpers, constants), all by value.
-                digest = hashlib.sha256(cloudpickle.dumps(obj, protocol=PROTOCOL)).hexdigest()
+                digest = hashlib.sha256(cloud_dumps(obj)).hexdigest()
                 self._code[id(obj)] = digest
             return (_by_value_code, (digest,))
+        if isinstance(obj, ParallelFunction) and obj._travels_by_value():
+            return obj._reduce_by_value()  # its target then enters as by-value code
         return super().reducer_override(obj)
 
 
@@ -355,8 +378,7 @@ def dumps_value(value: Any) -> bytes:
         _Pickler(out, None, None, None).dump(value)
         return out.getvalue()
     except Exception:  # noqa: BLE001 - cloudpickle decides
-        blob: bytes = cloudpickle.dumps(value, protocol=PROTOCOL)
-        return blob
+        return cloud_dumps(value)
 
 
 def loads_value(blob: bytes | memoryview, buffers: Any = None) -> Any:
@@ -370,7 +392,7 @@ def loads_value(blob: bytes | memoryview, buffers: Any = None) -> Any:
 
 def _picklable(value: Any) -> bool:
     try:
-        cloudpickle.dumps(value, protocol=PROTOCOL)
+        cloud_dumps(value)
     except Exception:  # noqa: BLE001
         return False
     return True

@@ -2,7 +2,8 @@
 
 * ``reference`` / ``fork``: a token in ``_dispatch._REGISTRY`` (threads share
   the object; forked workers inherit the registry filled before the fork).
-* ``file`` (loky): the payload in a file under /dev/shm, mapped by workers.
+* ``file`` (loky): the payload in a file where joblib keeps its memmaps
+  (/dev/shm when it has room; :func:`temp_folders`), mapped by workers.
   The file of an object's last state is kept while the object lives (at
   most :data:`KEPT_FILES` objects, least recently used first out), so a
   later call on an unchanged object skips pickling and writing: its
@@ -19,9 +20,10 @@ to another object, nor an old state to a changed object.
 from __future__ import annotations
 
 import atexit
-import multiprocessing
 import collections
 import contextlib
+import errno
+import multiprocessing
 import os
 import tempfile
 import threading
@@ -30,10 +32,11 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from joblib.externals.loky.backend import resource_tracker
 
 from . import _dispatch
+from ._compat import joblib_config_temp_folder, track_file, untrack_file
 from ._dispatch import FileHandle, LocalHandle
+from .errors import ParallelMethodsError
 from ._serialize import Payload, dumps_state, fingerprint, root_reduce
 
 if TYPE_CHECKING:
@@ -54,13 +57,6 @@ class Shipment:
     blob: Any = None
 
 
-def _shm_dir() -> str:
-    for candidate in ("/dev/shm", tempfile.gettempdir()):
-        if os.path.isdir(candidate) and os.access(candidate, os.W_OK):
-            return candidate
-    return tempfile.gettempdir()
-
-
 def state_key(subject: Any, print_: str) -> str:
     """The workers' cache key for ``subject`` in the state with fingerprint ``print_``."""
     return f"{lineage_of(subject)}:{print_}"
@@ -75,18 +71,166 @@ def serialize_subject(plan: Plan, root_rv: Any = None, digest: str | None = None
     )
 
 
-def _write(payload: Payload, lineage: str = "") -> FileHandle:
-    fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{os.getpid()}-", suffix=".pkl", dir=_shm_dir())
+def _write(payload: Payload, lineage: str = "", what: str = "self") -> FileHandle:
+    """Write ``payload`` to a new file in the first folder with room (see :func:`temp_folders`).
+
+    Free space is checked (``os.statvfs``) before writing, and the space is
+    reserved (``posix_fallocate``) before the bytes go in, so a payload that
+    does not fit fails fast. A file whose write fails for any reason is
+    removed and unregistered before the next folder is tried, so nothing is
+    left behind and later maps are unaffected. When no folder has room, the
+    unchanged-object files kept for other objects (:data:`KEPT_FILES`) are
+    dropped and the folders tried once more; then :class:`ParallelMethodsError`
+    names the payload's size, the folders tried and the fix.
+    """
+    size = len(payload.main) + sum(b.nbytes for b in payload.buffers)
+    for attempt in (1, 2):
+        folders, configured = temp_folders()
+        tried: list[str] = []
+        last_error: OSError | None = None
+        for folder in folders:
+            free = _free_bytes(folder)
+            if free is not None and free < size + _headroom(folder):
+                tried.append(f"{folder} ({_size(free)} free)")
+                continue
+            try:
+                path = _write_in(folder, payload, size)
+            except OSError as exc:
+                last_error = exc
+                if exc.errno not in _NO_ROOM and (configured or not _falls_back_after(exc)):
+                    raise
+                tried.append(f"{folder} ({_size(free) + ' free, ' if free is not None else ''}{exc.strerror or exc})")
+                continue
+            return FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers), lineage)
+        if attempt == 1 and KEPT.drop_unused():
+            continue  # files kept for other objects made room
+        break
+    how = (
+        "the folder you chose (joblib.parallel_config(temp_folder=...) or JOBLIB_TEMP_FOLDER)"
+        if configured
+        else "the folders joblib would use (/dev/shm, then the system temp folder)"
+    )
+    msg = (
+        f"no room for the {_size(size)} payload of {what} in {how}: tried {', '.join(tried) or 'no folder'}. "
+        "Fix: point JOBLIB_TEMP_FOLDER (or joblib.parallel_config(temp_folder=...)) at a folder with room, "
+        "or give /dev/shm more space (in Docker: docker run --shm-size=2g ...; 64 MB is Docker's default); "
+        "a thread backend (backend='threading') needs no copy at all."
+    )
+    raise ParallelMethodsError(msg) from last_error
+
+
+# ---------------------------------------------------------------------------
+# Where payload files go: joblib's rule (joblib._memmapping_reducer._get_temp_dir,
+# joblib 1.3 to 1.6): parallel_config(temp_folder=...), else JOBLIB_TEMP_FOLDER,
+# else /dev/shm, else the system temp folder (TMPDIR/TEMP/TMP, then /tmp).
+# joblib takes /dev/shm only when it has more than 2 GB free; we check the
+# payload's actual size instead, so small payloads stay in RAM on small
+# /dev/shm (Docker's 64 MB) and large ones go to disk.
+# ---------------------------------------------------------------------------
+
+SYSTEM_SHARED_MEM = "/dev/shm"
+#: errno values that mean "this folder is full": try the next one.
+_NO_ROOM = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EFBIG) if e is not None)
+
+
+def _falls_back_after(exc: OSError) -> bool:
+    """Errors on an automatically chosen folder after which joblib also falls back (rights, read-only)."""
+    return exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR)
+
+
+
+
+def temp_folders() -> tuple[list[str], bool]:
+    """The folders to try in order, and whether the user chose the folder.
+
+    A chosen folder (``parallel_config(temp_folder=...)``, then the
+    ``JOBLIB_TEMP_FOLDER`` environment variable, as in joblib) is the only
+    one tried: we never write elsewhere than where the user asked. Otherwise
+    ``/dev/shm`` (when it exists and is writable), then the system temp folder.
+    """
+    chosen = joblib_config_temp_folder() or os.environ.get("JOBLIB_TEMP_FOLDER") or None
+    if chosen:
+        folder = os.path.abspath(os.path.expanduser(chosen))
+        os.makedirs(folder, exist_ok=True)  # joblib creates its pool folder there too
+        return [folder], True
+    folders = []
+    if os.path.isdir(SYSTEM_SHARED_MEM) and os.access(SYSTEM_SHARED_MEM, os.W_OK):
+        folders.append(SYSTEM_SHARED_MEM)
+    system = os.path.abspath(tempfile.gettempdir())
+    if system not in folders:
+        folders.append(system)
+    return folders, False
+
+
+def _free_bytes(folder: str) -> int | None:
+    """Bytes an unprivileged writer may still use in ``folder`` (None: unknown)."""
+    statvfs = getattr(os, "statvfs", None)
+    if statvfs is None:  # Windows: the write itself tells
+        return None
+    try:
+        st = statvfs(folder)
+    except OSError:
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def _headroom(folder: str) -> int:
+    """Space left free beside a payload: 1 MiB, or 2% of the file system if more.
+
+    A full /dev/shm breaks others that live there (semaphores, other
+    programs' shared memory), so a payload may not take the last bytes.
+    """
+    try:
+        st = os.statvfs(folder)
+        total = int(st.f_blocks) * int(st.f_frsize)
+    except (AttributeError, OSError):
+        total = 0
+    return max(1 << 20, total // 50)
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"  # pragma: no cover - unreachable
+
+
+def _write_in(folder: str, payload: Payload, size: int) -> str:
+    fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{os.getpid()}-", suffix=".pkl", dir=folder)
     # Why the resource tracker: if this process is killed (SIGKILL, SIGTERM,
     # the OOM killer), atexit never runs; loky's tracker process, which
-    # joblib uses for its own memmaps, then unlinks the file.
-    resource_tracker.register(path, "file")
-    with os.fdopen(fd, "wb") as f:
-        f.write(payload.main)
-        for buf in payload.buffers:
-            f.write(buf)
-    return FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers), lineage)
+    # joblib uses for its own memmaps, then unlinks the file (once the
+    # workers are gone too: see _orphan).
+    try:
+        track_file(path)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fallocate = getattr(os, "posix_fallocate", None)
+            if fallocate is not None and size:
+                try:
+                    fallocate(f.fileno(), 0, size)  # ENOSPC now, not after writing 60 MB
+                except OSError as exc:
+                    if exc.errno in _NO_ROOM:
+                        raise
+                    # EOPNOTSUPP, EINVAL...: the file system cannot reserve; the writes will tell
+            f.write(payload.main)
+            for buf in payload.buffers:
+                f.write(buf)
+    except BaseException:
+        # Any failure (ENOSPC, EIO, KeyboardInterrupt, MemoryError): no partial file stays.
+        _unlink(path)
+        raise
+    return path
 
+
+def _what(plan: Plan) -> str:
+    return f"self ({type(plan.subject).__qualname__}, for {plan.label})" if plan.kind == "method" else plan.label
 
 
 def lineage_of(subject: Any) -> str:
@@ -102,7 +246,7 @@ def _unlink(path: str) -> None:
     # Exactly once per file, by whoever removed it: the tracker treats an
     # unknown name as an error.
     with contextlib.suppress(Exception):  # at interpreter exit the tracker may be gone
-        resource_tracker.unregister(path, "file")
+        untrack_file(path)
 
 
 @dataclass
@@ -138,7 +282,7 @@ class _KeptFiles:
                 entry.in_use += 1
                 self._entries.move_to_end(key)
         if entry is None:
-            handle = _write(serialize_subject(plan, rv, state_key(subject, quick)), lineage_of(subject))
+            handle = _write(serialize_subject(plan, rv, state_key(subject, quick)), lineage_of(subject), _what(plan))
             entry = self._keep(subject, quick, plan.exclude, handle)
         try:
             yield entry.handle if entry is not None else handle
@@ -195,6 +339,17 @@ class _KeptFiles:
         for path in doomed:
             _unlink(path)
 
+    def drop_unused(self) -> bool:
+        """Remove the kept files no call is using (to make room); whether any went."""
+        doomed: list[str] = []
+        with self._lock:
+            for key in list(self._entries):
+                if self._entries[key].in_use == 0:
+                    doomed.append(self._entries.pop(key).handle.path)
+        for path in doomed:
+            _unlink(path)
+        return bool(doomed)
+
     def clear(self) -> None:
         """Remove every kept file (at exit; also handy in tests)."""
         with self._lock:
@@ -218,6 +373,13 @@ def shipped(plan: Plan) -> Iterator[Shipment]:
             yield Shipment(LocalHandle(token, os.getpid(), plan.exclude if plan.route == "fork" else ()))
         finally:
             _dispatch.unregister_local(token)
+        return
+    if plan.route == "inline":
+        # Remote or unknown process workers: the bytes travel in every task.
+        from ._inline import inline_payload
+
+        with inline_payload(plan) as (handle, blob):
+            yield Shipment(handle, blob)
         return
     if plan.route == "cluster":
         from ._dask import scatter_payload

@@ -7,8 +7,10 @@ why each is used and on which versions it was checked.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import types
+from typing import Any
 
 import cloudpickle
 
@@ -52,3 +54,257 @@ def test_loky_leak_limit_name_exists_and_is_raised_only_by_what_we_hold() -> Non
         assert executor._MAX_MEMORY_LEAK_SIZE == original + 10
     finally:
         executor._MAX_MEMORY_LEAK_SIZE = original
+
+
+# ---------------------------------------------------------------------------
+# joblib backends (_plan's routing, _mpwatch).
+# ---------------------------------------------------------------------------
+
+
+def test_joblib_backend_classes_are_the_ones_joblib_registers() -> None:
+    """The private joblib._parallel_backends classes are what the public names give."""
+    import joblib
+
+    registered = _compat.registered_backends()
+    assert registered["threading"] is _compat.ThreadingBackend
+    assert registered["sequential"] is _compat.SequentialBackend
+    assert registered["multiprocessing"] is _compat.MultiprocessingBackend
+    assert registered["loky"] is _compat.LokyBackend
+    for cls in (_compat.ThreadingBackend, _compat.SequentialBackend, _compat.MultiprocessingBackend, _compat.LokyBackend):
+        assert issubclass(cls, _compat.ParallelBackendBase)
+    if hasattr(joblib, "ParallelBackendBase"):  # public from joblib 1.5
+        assert joblib.ParallelBackendBase is _compat.ParallelBackendBase
+    assert issubclass(_compat.FallbackToBackend, Exception)
+
+
+def test_joblib_capability_flags_mean_what_routing_assumes() -> None:
+    """uses_threads/supports_sharedmem: True for thread backends, absent or False for process backends."""
+
+    def shares_memory(backend: object) -> bool:
+        return bool(getattr(backend, "uses_threads", False) or getattr(backend, "supports_sharedmem", False))
+
+    assert shares_memory(_compat.ThreadingBackend())
+    assert shares_memory(_compat.SequentialBackend())
+    assert not shares_memory(_compat.MultiprocessingBackend())
+    assert not shares_memory(_compat.LokyBackend())
+    assert _compat.ThreadingBackend().supports_timeout
+    assert not _compat.SequentialBackend().supports_timeout
+
+
+def test_active_backend_returns_the_instance_parallel_config_made() -> None:
+    """joblib.parallel.get_active_backend: (instance, n_jobs), honouring parallel_config and registered names."""
+    import joblib
+
+    backend, n_jobs = _compat.active_backend()
+    assert type(backend) is _compat.LokyBackend and n_jobs is None
+    with joblib.parallel_config(backend="threading", n_jobs=3):
+        backend, n_jobs = _compat.active_backend()
+    assert type(backend) is _compat.ThreadingBackend and n_jobs == 3
+
+    class Mine(_compat.ThreadingBackend):  # type: ignore[misc]
+        pass
+
+    joblib.register_parallel_backend("pm-compat-mine", Mine)
+    assert _compat.registered_backends()["pm-compat-mine"] is Mine
+    assert "pm-compat-mine" in _compat.known_backend_names()
+    assert "dask" in _compat.external_backend_names()
+    with joblib.parallel_config(backend="pm-compat-mine"):
+        backend, _ = _compat.active_backend()
+    assert type(backend) is Mine
+
+
+def test_backend_kwargs_keep_the_multiprocessing_context() -> None:
+    """parallel_config(backend=..., context=ctx) reaches backend_kwargs (joblib 1.5+; 1.4 takes no kwargs)."""
+    import multiprocessing
+
+    import joblib
+
+    if not hasattr(_compat.MultiprocessingBackend(), "backend_kwargs"):
+        assert _compat.backend_kwargs(_compat.MultiprocessingBackend()) == {}
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with joblib.parallel_config(backend="multiprocessing", context=ctx):
+        backend, _ = _compat.active_backend()
+    assert _compat.backend_kwargs(backend)["context"] is ctx
+    assert _compat.multiprocessing_start_method(backend) == "spawn"
+    again = _compat.MultiprocessingBackend(**_compat.backend_init_kwargs(backend))
+    assert _compat.backend_kwargs(again)["context"] is ctx
+
+
+_START_METHOD_PROBE = """
+import multiprocessing, sys
+from joblib._parallel_backends import MultiprocessingBackend
+from parallelmethods import _compat
+
+MARK = []
+
+
+def probe(_):
+    return len(MARK)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] != "default":
+        multiprocessing.set_start_method(sys.argv[1])
+    MARK.append(1)
+    method = _compat.multiprocessing_start_method(MultiprocessingBackend())
+    pool = _compat.memmapping_pool(1)
+    try:
+        inherited = pool.apply(probe, (0,)) == 1
+    finally:
+        pool.terminate()
+    assert inherited == (method == "fork"), (method, inherited)
+    print(method)
+"""
+
+
+def test_multiprocessing_start_method_is_what_joblibs_pool_uses(tmp_path: Any) -> None:
+    """The start method we predict is the one joblib's MemmappingPool really uses (fork: the worker sees the parent's later state)."""
+    import multiprocessing
+    import subprocess
+
+    script = tmp_path / "probe.py"
+    script.write_text(_START_METHOD_PROBE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *sys.path])}
+    expected_default = multiprocessing.get_all_start_methods()[0]
+    for arg, expected in (("default", expected_default), ("forkserver", "forkserver")):
+        if expected not in multiprocessing.get_all_start_methods():
+            continue
+        out = subprocess.run([sys.executable, str(script), arg], capture_output=True, text=True, timeout=60, env=env, check=False)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == expected
+
+
+def test_pool_processes_lists_live_workers_and_dead_ones_keep_their_exit_code() -> None:
+    """multiprocessing.Pool._pool: the worker Process objects; a dead one is replaced, its object keeps the exit code."""
+    import time
+
+    pool = _compat.memmapping_pool(2)
+    try:
+        procs = _compat.pool_processes(pool)
+        assert len(procs) == 2 and all(p.exitcode is None and p.pid for p in procs)
+        # Die inside a task (a worker killed while idle may hold the queue's
+        # lock, and Pool.terminate then blocks: a multiprocessing limitation).
+        pool.apply_async(os._exit, (3,))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(p.exitcode is not None for p in procs):
+            time.sleep(0.05)
+        dead = [p for p in procs if p.exitcode is not None]
+        assert [p.exitcode for p in dead] == [3]
+        while time.monotonic() < deadline and (dead[0] in _compat.pool_processes(pool) or len(_compat.pool_processes(pool)) < 2):
+            time.sleep(0.05)
+        assert dead[0] not in _compat.pool_processes(pool)  # why the watchdog keeps its own list
+        assert len(_compat.pool_processes(pool)) == 2  # replaced, silently
+    finally:
+        pool.terminate()
+
+
+def test_loky_pool_errors_are_what_a_dead_loky_worker_raises() -> None:
+    """BrokenProcessPool/TerminatedWorkerError are still loky's classes and what joblib raises on a dead worker."""
+    import joblib
+
+    broken, terminated = _compat.loky_pool_errors()
+    assert issubclass(terminated, broken)
+    try:
+        joblib.Parallel(n_jobs=2, backend="loky")(joblib.delayed(os._exit)(1) for _ in range(2))
+    except Exception as e:  # noqa: BLE001
+        assert isinstance(e, broken), repr(e)
+    else:  # pragma: no cover
+        raise AssertionError("a dead loky worker raised nothing")
+
+
+_TRACKED_FILE_PROBE = """
+import os, sys, tempfile
+from parallelmethods import _compat
+
+fd, path = tempfile.mkstemp(prefix="pm-compat-tracked-")
+os.close(fd)
+_compat.track_file(path)
+other = path + ".untracked"
+open(other, "w").close()
+_compat.track_file(other)
+_compat.untrack_file(other)
+print(path, other, flush=True)
+os._exit(0)  # no atexit, no cleanup: the tracker must remove the tracked file
+"""
+
+
+def test_tracked_files_are_removed_when_the_process_dies(tmp_path: Any) -> None:
+    """loky's resource_tracker.register(path, "file") unlinks it after an abrupt exit; unregister opts out."""
+    import subprocess
+    import time
+
+    out = subprocess.run([sys.executable, "-c", _TRACKED_FILE_PROBE], capture_output=True, text=True, timeout=60, check=True)
+    path, other = out.stdout.split()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.path.exists(path):
+            time.sleep(0.1)
+        assert not os.path.exists(path)
+        assert os.path.exists(other)
+    finally:
+        for p in (path, other):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def test_dask_and_ray_backends_are_recognised_by_module() -> None:
+    """joblib._dask.DaskDistributedBackend keeps its name and module; Ray's module prefix marks a backend remote."""
+    dask_backends = __import__("pytest").importorskip("joblib._dask")
+    backend = object.__new__(dask_backends.DaskDistributedBackend)
+    assert _compat.is_dask_backend(backend) and _compat.is_remote_backend(backend)
+    ray_like = type("RayBackend", (_compat.MultiprocessingBackend,), {"__module__": "ray.util.joblib.ray_backend"})
+    assert _compat.is_remote_backend(ray_like()) and not _compat.is_dask_backend(ray_like())
+    assert not _compat.is_remote_backend(_compat.LokyBackend())
+    rayon = type("Rayon", (_compat.LokyBackend,), {"__module__": "rayon.backend"})  # a prefix, not a package
+    assert not _compat.is_remote_backend(rayon())
+
+
+def test_joblib_config_temp_folder_reads_parallel_config() -> None:
+    """parallel_config().__enter__ returns the active config dict with temp_folder."""
+    import joblib
+
+    assert _compat.joblib_config_temp_folder() is None
+    with joblib.parallel_config(temp_folder="/tmp/pm-compat-folder"):
+        assert _compat.joblib_config_temp_folder() == "/tmp/pm-compat-folder"
+    assert _compat.joblib_config_temp_folder() is None
+
+
+def test_gil_enabled_answers() -> None:
+    """sys._is_gil_enabled (3.13+) or True before it."""
+    assert _compat.gil_enabled() is (bool(sys._is_gil_enabled()) if hasattr(sys, "_is_gil_enabled") else True)
+
+
+def test_loky_workers_command_line_carries_the_mark() -> None:
+    """Live loky workers started by joblib run ``-m joblib.externals.loky.backend.popen_loky_posix``."""
+    import pytest
+
+    import joblib
+
+    if not os.path.isdir("/proc/self"):
+        pytest.skip("needs /proc")
+    pids = set(joblib.Parallel(n_jobs=2, backend="loky")(joblib.delayed(os.getpid)() for _ in range(4)))
+    assert pids and os.getpid() not in pids
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace").replace("\0", " ")
+        assert _compat.LOKY_WORKER_CMDLINE_MARK in cmdline, cmdline
+
+
+def test_cloudpickle_dispatch_table_copies_a_main_parallel_function_by_value() -> None:
+    """cloudpickle.Pickler.dispatch_table is consulted first, so plain cloudpickle copies a __main__ decorated function."""
+    import pickle as _pickle
+
+    from parallelmethods import parallelizable
+    from parallelmethods._descriptor import ParallelFunction
+
+    assert ParallelFunction in cloudpickle.Pickler.dispatch_table
+
+    def body(i: int) -> int:
+        return i + 1
+
+    body.__module__ = "__main__"
+    body.__qualname__ = "pm_not_in_main"
+    func = parallelizable(body)
+    rebuilt = _pickle.loads(cloudpickle.dumps(func))  # by name it could not be found
+    assert isinstance(rebuilt, ParallelFunction) and rebuilt(1) == 2
