@@ -368,9 +368,15 @@ def register_cloudpickle_reducer(cls: type, reducer: object) -> None:
     cloudpickle 2.2.1 and 3.1.3), so this entry applies to all its picklers,
     as copyreg does for pickle. tests/test_compat.py checks that it is used.
     """
-    import cloudpickle
+    import importlib
 
-    table = getattr(cloudpickle.Pickler, "dispatch_table", None)
-    if table is None:  # pragma: no cover - caught by tests/test_compat.py
-        return
-    table[cls] = reducer
+    # joblib 1.5 and older carry their own copy, joblib.externals.cloudpickle,
+    # which loky's transport uses; joblib 1.6 uses the installed cloudpickle.
+    for name in ("cloudpickle", "joblib.externals.cloudpickle"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        table = getattr(getattr(module, "Pickler", None), "dispatch_table", None)
+        if table is not None:  # else caught by tests/test_compat.py
+            table[cls] = reducer

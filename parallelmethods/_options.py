@@ -16,9 +16,10 @@ import dataclasses
 import difflib
 import enum
 import numbers
-from typing import Any, Callable, Final, Iterable, Literal
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Literal
 
-__all__ = ["UNSET", "Options", "OPTION_NAMES", "Resolved", "resolve", "split_options", "check_option_names"]
+__all__ = ["OPTION_NAMES", "UNSET", "Options", "Resolved", "check_option_names", "check_timeout_per_item", "resolve", "split_options"]
 
 
 class _Unset(enum.Enum):
@@ -57,11 +58,11 @@ class Options:
         ValueError: n_jobs=0 is not valid: use a positive number of workers, -1 for all cores, or None
     """
 
-    n_jobs: int | None | _Unset = UNSET
-    backend: str | None | _Unset = UNSET
+    n_jobs: int | _Unset | None = UNSET
+    backend: str | _Unset | None = UNSET
     batch_size: int | Literal["auto"] | _Unset = UNSET
     progress: bool | _Unset = UNSET
-    timeout: float | None | _Unset = UNSET
+    timeout: float | _Unset | None = UNSET
     on_error: Literal["raise", "return"] | _Unset = UNSET
     ordered: bool | _Unset = UNSET
     retries: int | _Unset = UNSET
@@ -219,6 +220,8 @@ def _validate(opts: Options) -> None:
             )
             raise ValueError(msg)
 
+    check_timeout_per_item(opts.timeout, opts.batch_size)
+
     on_error = opts.on_error
     if on_error is not UNSET and on_error not in ("raise", "return"):
         msg = (
@@ -235,6 +238,25 @@ def _validate(opts: Options) -> None:
         if retries < 0:
             msg = f"retries={retries} is not valid: use 0 (no re-runs) or a positive count"
             raise ValueError(msg)
+
+
+def check_timeout_per_item(timeout: Any, batch_size: Any) -> None:
+    """``timeout=`` is per item, so it needs one item per task: refuse ``batch_size`` > 1 with it.
+
+    joblib's ``timeout`` limits a whole task; with ``batch_size=k`` a task holds
+    k items, and the limit would silently become one on k items together.
+    Checked where both are given in one layer (``__post_init__``) and, once
+    the layers are merged, before any work starts (the runner).
+    """
+    if timeout is UNSET or timeout is None or batch_size is UNSET or batch_size == "auto":
+        return
+    if isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool) and int(batch_size) > 1:
+        msg = (
+            f"timeout={timeout} cannot be combined with batch_size={batch_size}: the timeout is per item, "
+            "so items are sent one per task, and a task of several items could not be timed per item. "
+            "Drop batch_size (with timeout= set, 'auto' sends one item per task) or use batch_size=1"
+        )
+        raise ValueError(msg)
 
 
 @dataclasses.dataclass(frozen=True)

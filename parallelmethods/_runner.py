@@ -29,18 +29,24 @@ with 64).
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import itertools
 import math
+import os
 import sys
+import threading
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Generator, Iterator
+import weakref
+from collections.abc import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 from joblib import Parallel, delayed
 
 from ._compat import add_note
 from ._dispatch import RemoteError, run_chunk
-from ._options import Options
+from ._options import Options, check_timeout_per_item
 from ._plan import Plan, plan_for
 from ._recovery import PoolFailure, Recovery, internal_error, is_pool_failure
 from ._serialize import dumps_value, loads_value, serialization_error
@@ -50,7 +56,7 @@ from .errors import ParallelMethodsError
 if TYPE_CHECKING:
     from ._descriptor import BoundParallelMethod
 
-__all__ = ["run_map", "run_imap"]
+__all__ = ["run_imap", "run_map"]
 
 #: imap keeps at most this many chunks per worker in flight or buffered.
 READAHEAD_PER_WORKER = 2
@@ -78,7 +84,7 @@ def _spec_payload(plan: Plan, serialized: bool) -> Any:
         return plan.spec
     try:
         return dumps_value(plan.spec)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise serialization_error(plan.spec[3:5], e, what="the arguments fixed with .partial()") from e
 
 
@@ -87,7 +93,7 @@ def _items_payload(first: int, items: list[Any], serialized: bool, star: bool) -
         return items
     try:
         return dumps_value(items)
-    except Exception as e:  # noqa: BLE001 - name the item and argument
+    except Exception as e:
         for offset, args in enumerate(items):
             for j, arg in enumerate(args if star else (args,)):
                 try:
@@ -127,6 +133,7 @@ class _Executor:
         return_as = "generator_unordered" if plan.backend.supports_return_generator else "list"
         parallel = Parallel(n_jobs=plan.n_jobs, backend=plan.backend, batch_size=1, timeout=timeout, return_as=return_as)
         outputs: Any = None
+        started_in = threading.get_ident()
         try:
             # "list" (multiprocessing) raises here; generators raise while iterated.
             outputs = parallel(tasks())
@@ -141,26 +148,68 @@ class _Executor:
                 raise PoolFailure(e, dispatched, completed) from e
             raise
         finally:
-            if hasattr(outputs, "close"):
-                # We stop early on purpose (an error, an abandoned imap):
-                # joblib's "generator was gc'ed before being consumed" warning
-                # describes our own decision, not a user mistake.
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=r".*(tasks which were still being processed|successfully executed  but not used)")
-                    outputs.close()
+            _stop_outputs(outputs, started_in)
 
     def _decode(self, out: Any) -> tuple[int, list[Any], bool, bool]:
         if not self.serialized:
             return out  # type: ignore[no-any-return]
         try:
             return loads_value(out)  # type: ignore[no-any-return]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             msg = (
                 f"the results of {self.plan.label} could not be rebuilt in the caller "
                 f"({type(e).__name__}: {e}); a returned object's class may fail to unpickle here. "
                 "Return plain data, or use backend='threading'."
             )
             raise ParallelMethodsError(msg) from e
+
+
+class _StopEarly(Exception):
+    """Thrown into joblib's result generator when we stop reading it on purpose."""
+
+
+def _stop_outputs(outputs: Any, started_in: int) -> None:
+    """Stop joblib's result generator early (an error, an abandoned imap), without its warning.
+
+    ``close()`` raises ``GeneratorExit`` in joblib's generator, which aborts the
+    tasks and then warns "... tasks which were still being processed by the
+    workers have been cancelled" (``Parallel._warn_exit_early``): that describes
+    our own decision, not a user mistake. Throwing any other exception takes
+    joblib's ``except BaseException`` branch instead: the same abort
+    (``_abort()``, then ``_terminate_and_reset()``), and no warning. Nothing
+    touches the process-wide warning filters, so warnings raised by concurrent
+    maps in other threads are never lost (``warnings.catch_warnings`` is not
+    thread-safe). From another thread than the one that started the run
+    (a garbage-collected imap), joblib's own ``close()`` path is kept: it hands
+    the abort to a helper thread rather than joining from a foreign thread.
+    """
+    if outputs is None or not hasattr(outputs, "close"):
+        return  # a list: joblib already finished or raised
+    if not hasattr(outputs, "throw") or threading.get_ident() != started_in:
+        outputs.close()
+        return
+    try:
+        outputs.throw(_StopEarly())
+    except (_StopEarly, StopIteration):
+        pass
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` that makes a warning point at the first frame outside this package.
+
+    That is the user's line: the ``map``/``starmap`` call, or the ``next()``
+    (``for`` loop) that reads an ``imap``, whatever the path through the
+    package (method, classmethod, module function, ``.options()``...).
+    """
+    frame = sys._getframe(1)  # the function that calls warnings.warn
+    level = 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 # ----------------------------------------------------------------------------
@@ -195,7 +244,7 @@ def _rebuild_error(plan: Plan, err: RemoteError) -> BaseException:
             # tblib's pickling support, which dask.distributed installs for every
             # exception class, rebuilds a SystemExit without running its __init__,
             # so ``code`` comes back None; it is derived from args as __init__ does.
-            exc.code = exc.args[0] if len(exc.args) == 1 else exc.args
+            exc.code = exc.args[0] if len(exc.args) == 1 else exc.args  # type: ignore[assignment]
         if exc.__cause__ is None and err.traceback_text and exc.__traceback__ is None:
             exc.__cause__ = _RemoteTraceback(err.traceback_text)
     else:
@@ -220,23 +269,45 @@ def _rebuild_error(plan: Plan, err: RemoteError) -> BaseException:
     return exc
 
 
-class _Collector:
-    """Turns completed chunks into result lists; handles errors, progress, mutations."""
+class _Raised:
+    """A method's exception that ordered ``imap`` raises when it reaches the item (``on_error="raise"``)."""
 
-    def __init__(self, plan: Plan, total: int | None) -> None:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+class _Collector:
+    """Turns completed chunks into result lists; handles errors, progress, mutations.
+
+    ``unit_size`` (ordered ``imap`` only) gives the number of items of the unit
+    starting at an index: then a method's exception with ``on_error="raise"``
+    is not raised on arrival but put in its item's place as :class:`_Raised`
+    (and the unit's later items, which the worker did not run, too), so that
+    ``imap`` first yields every result before the failing item, then raises.
+    """
+
+    def __init__(self, plan: Plan, total: int | None, unit_size: Callable[[int], int] | None = None) -> None:
         self.plan = plan
         self.mutated = False
+        self.unit_size = unit_size
         from ._progress import make_bar
 
         self.bar = make_bar(plan, total)
 
     def accept(self, first: int, results: list[Any], mutated: bool, had_error: bool) -> list[Any]:
+        n_results = len(results)
         if had_error:  # the worker says so: clean chunks skip this scan
             for offset, value in enumerate(results):
                 if isinstance(value, RemoteError):
                     exc = _rebuild_error(self.plan, value)
                     if self.plan.opts.on_error == "raise":
-                        raise exc
+                        if self.unit_size is None:
+                            raise exc
+                        # The worker stopped at this item: pad the unit with the marker.
+                        results = results[:offset] + [_Raised(exc)] * (self.unit_size(first) - offset)
+                        break
                     results[offset] = exc
         if mutated and not self.mutated and self.plan.route != "reference":
             self.mutated = True
@@ -245,10 +316,10 @@ class _Collector:
                 "your object (the worker changed its copy, which later calls do not see). Return the "
                 "new values instead, or use backend='threading' to change the object itself.",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=_user_stacklevel(),
             )
         if self.bar is not None:
-            self.bar.update(len(results))
+            self.bar.update(n_results)
         return results
 
     def count(self, n: int) -> None:
@@ -264,6 +335,7 @@ class _Collector:
 def run_map(bound: BoundParallelMethod[Any, Any], layer: Options, items_in: Any) -> list[Any]:
     """``map``/``starmap``: materialize the input, run, return results in order."""
     plan = plan_for(bound, layer, star=items_in.star)
+    check_timeout_per_item(plan.opts.timeout, plan.opts.batch_size)
     items = list(items_in.iterator)
     if not items:
         return []
@@ -277,7 +349,9 @@ def run_map(bound: BoundParallelMethod[Any, Any], layer: Options, items_in: Any)
     finally:
         collector.close()
     if any(r is _UNFILLED for r in results):  # Recovery.run checked its units; this checks the slots
-        raise internal_error(f"results for items {[i for i, r in enumerate(results) if r is _UNFILLED][:10]} are missing")
+        missing = [i for i, r in enumerate(results) if r is _UNFILLED][:10]
+        what = f"results for items {missing} are missing"
+        raise internal_error(what)
     return results
 
 
@@ -286,41 +360,91 @@ _UNFILLED: Any = object()
 
 
 def run_imap(bound: BoundParallelMethod[Any, Any], layer: Options, items_in: Any) -> Iterator[Any]:
-    """``imap``: plan now (errors at the call), run lazily in bounded windows."""
+    """``imap``: plan, check and ship ``self`` now (errors at the call), run lazily in bounded windows.
+
+    Everything that can fail before the first item runs happens here, at the
+    call, as for ``map``: bad options, a missing tqdm for ``progress=True``,
+    a ``self`` (or ``.partial()`` arguments) that cannot be serialized. The
+    shipment of ``self`` then lives until the iterator is exhausted, closed or
+    garbage-collected (:class:`_ImapIterator`), also when it is never read.
+    """
     plan = plan_for(bound, layer, star=items_in.star)
-    return _imap(plan, items_in.iterator)
+    check_timeout_per_item(plan.opts.timeout, plan.opts.batch_size)
+    if plan.opts.progress:
+        from ._progress import bar_class
+
+        bar_class()  # ImportError naming the extra, now rather than at the first next()
+    stack = contextlib.ExitStack()
+    try:
+        shipment = stack.enter_context(shipped(plan))
+        executor = _Executor(plan, shipment)
+    except BaseException:
+        stack.close()
+        raise
+    return _ImapIterator(_imap(plan, executor, items_in.iterator, stack), stack)
 
 
-def _imap(plan: Plan, items_iter: Iterator[Any]) -> Iterator[Any]:
+def _finish_imap(gen: Generator[Any, None, None], stack: contextlib.ExitStack) -> None:
+    try:
+        gen.close()  # stops the work (the generator's finally), when it had started
+    finally:
+        stack.close()  # releases self's shipment, also when the generator never started
+
+
+class _ImapIterator(collections.abc.Iterator):  # type: ignore[type-arg]
+    """The iterator ``imap`` returns: reads results lazily; ``close()`` (or dropping it) stops the work."""
+
+    def __init__(self, gen: Generator[Any, None, None], stack: contextlib.ExitStack) -> None:
+        self._gen = gen
+        self._finalizer = weakref.finalize(self, _finish_imap, gen, stack)
+
+    def __next__(self) -> Any:
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop reading: running tasks are stopped, ``self``'s shipment is released."""
+        self._finalizer()
+
+
+def _imap(plan: Plan, executor: _Executor, items_iter: Iterator[Any], stack: contextlib.ExitStack) -> Generator[Any, None, None]:
     window_chunks = READAHEAD_PER_WORKER * max(1, plan.effective_n_jobs)
     chunk_size = plan.opts.batch_size if isinstance(plan.opts.batch_size, int) else 1
-    collector = _Collector(plan, None)
+    ordered = plan.opts.ordered
+    recovery: Recovery | None = None
+    collector = _Collector(plan, None, (lambda first: len(recovery.units[first].items)) if ordered else None)  # type: ignore[union-attr]
     try:
-        with shipped(plan) as shipment:
-            executor = _Executor(plan, shipment)
-            start = 0
-            while True:
-                window = list(itertools.islice(items_iter, window_chunks * chunk_size))
-                if not window:
-                    return
-                t0 = time.perf_counter()
-                if plan.opts.ordered:
+        start = 0
+        while True:
+            window = list(itertools.islice(items_iter, window_chunks * chunk_size))
+            if not window:
+                return
+            t0 = time.perf_counter()
+            recovery = Recovery(plan, executor, collector, start, window, chunk_size)
+            results = cast(Generator[tuple[int, list[Any]], None, None], recovery.run())
+            try:
+                if ordered:
                     buffered: dict[int, list[Any]] = {}
                     next_index = start
-                    for first, values in Recovery(plan, executor, collector, start, window, chunk_size).run():
+                    for first, values in results:
                         buffered[first] = values
                         while next_index in buffered:
                             ready = buffered.pop(next_index)
-                            yield from ready
+                            for value in ready:
+                                if type(value) is _Raised:
+                                    raise value.exc  # every result before this item was yielded
+                                yield value
                             next_index += len(ready)
                 else:
-                    for _, values in Recovery(plan, executor, collector, start, window, chunk_size).run():
+                    for _, values in results:
                         yield from values
-                start += len(window)
-                window_bytes = len(window) * _sizeof(window[0])
-                chunk_size = _grow_chunk(plan, chunk_size, time.perf_counter() - t0, window_bytes)
+            finally:
+                results.close()  # stops the window's tasks now when we leave early
+            start += len(window)
+            window_bytes = len(window) * _sizeof(window[0])
+            chunk_size = _grow_chunk(plan, chunk_size, time.perf_counter() - t0, window_bytes)
     finally:
         collector.close()
+        stack.close()
 
 
 def _sizeof(item: Any) -> int:

@@ -83,8 +83,8 @@ class Faulty:
 
     @parallelizable
     def flaky_exit(self, x: int) -> int:
-        """Dies the first time it sees item 3 (a marker file remembers)."""
-        marker = os.environ["PM_FLAKY_MARKER"]
+        """Dies the first time it sees item 3 (a marker file, named by self.marker, remembers)."""
+        marker = self.marker
         if x == 3 and not os.path.exists(marker):
             open(marker, "w").close()
             os._exit(1)

@@ -11,6 +11,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# CI runs the whole suite a second time with PM_START_METHOD=forkserver: the
+# default start method of Python 3.14 on Linux, which this machine does not
+# have. Then joblib's multiprocessing backend does not fork from the caller,
+# and self takes the file route there too.
+START_METHOD = os.environ.get("PM_START_METHOD")
+if START_METHOD:
+    import multiprocessing
+
+    multiprocessing.set_start_method(START_METHOD, force=True)
+
+#: Whether joblib's multiprocessing backend forks from the caller here (the fork route).
+FORK_ROUTE = (START_METHOD or "fork") == "fork"
+
 ALL_BACKENDS = ["loky", "multiprocessing", "threading", "sequential"]
 PROCESS_BACKENDS = ["loky", "multiprocessing"]
 
