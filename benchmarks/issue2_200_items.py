@@ -17,8 +17,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from joblib import Parallel, delayed  # noqa: E402
-from run import DictHolder, _warm  # noqa: E402
+from joblib import Parallel, delayed
+from run import DictHolder, _warm
 
 
 def main() -> None:

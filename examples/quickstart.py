@@ -46,8 +46,10 @@ def main() -> None:
     got = obj.find.map(items, n_jobs=2)  # self is pickled once, not per item
     par = time.perf_counter() - t0
     assert got == expected
-    print(f"Lookup.find over {len(items)} items: plain loop {loop:.3f}s, .map on 2 workers {par:.3f}s "
-          "(the first map pays one copy of the 50 MB object; the work per item is tiny)")
+    print(
+        f"Lookup.find over {len(items)} items: plain loop {loop:.3f}s, .map on 2 workers {par:.3f}s "
+        "(the first map pays one copy of the 50 MB object; the work per item is tiny)"
+    )
 
     t0 = time.perf_counter()
     obj.find.map(items, n_jobs=2)  # unchanged object: workers still hold it

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Literal, ParamSpec, TypeVar, overload
+from collections.abc import Callable
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from ._descriptor import ParallelFunction
 from ._options import UNSET, Options, _Unset, check_option_names
@@ -25,11 +26,11 @@ def parallelizable(
     func: None = None,
     /,
     *,
-    n_jobs: int | None | _Unset = UNSET,
-    backend: str | None | _Unset = UNSET,
+    n_jobs: int | _Unset | None = UNSET,
+    backend: str | _Unset | None = UNSET,
     batch_size: int | Literal["auto"] | _Unset = UNSET,
     progress: bool | _Unset = UNSET,
-    timeout: float | None | _Unset = UNSET,
+    timeout: float | _Unset | None = UNSET,
     on_error: Literal["raise", "return"] | _Unset = UNSET,
     ordered: bool | _Unset = UNSET,
     retries: int | _Unset = UNSET,
@@ -100,7 +101,11 @@ def _wrap(func: Any, layer: Options) -> ParallelFunction[Any, Any]:
 def _is_function_like(obj: Any) -> bool:
     # Functions, builtins, and wrappers that keep the function's identity
     # (lru_cache, wrapt, Cython): callable with a name and a qualified name.
-    return callable(obj) and isinstance(getattr(obj, "__name__", None), str) and isinstance(getattr(obj, "__qualname__", None), str)
+    return (
+        callable(obj)
+        and isinstance(getattr(obj, "__name__", None), str)
+        and isinstance(getattr(obj, "__qualname__", None), str)
+    )
 
 
 def _refusal(func: Any) -> str | None:

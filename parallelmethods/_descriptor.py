@@ -15,8 +15,20 @@ import functools
 import importlib
 import inspect
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from types import GenericAlias, MethodType
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Concatenate, Generic, Iterable, Iterator, Literal, NamedTuple, ParamSpec, TypeVar, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Concatenate,
+    Generic,
+    Literal,
+    NamedTuple,
+    ParamSpec,
+    TypeVar,
+    overload,
+)
 
 from ._compat import register_cloudpickle_reducer
 from ._options import Options, check_option_names, split_options
@@ -26,7 +38,7 @@ if TYPE_CHECKING:
 
     from ._explain import Explanation
 
-__all__ = ["ParallelFunction", "BoundParallelMethod"]
+__all__ = ["BoundParallelMethod", "ParallelFunction"]
 
 P = ParamSpec("P")
 P2 = ParamSpec("P2")
@@ -118,7 +130,9 @@ class ParallelFunction(Generic[P, R]):
     @overload
     def __get__(self, instance: None, owner: type | None = None) -> Self: ...
     @overload
-    def __get__(self: ParallelFunction[Concatenate[S, P2], R2], instance: S, owner: type | None = None) -> BoundParallelMethod[P2, R2]: ...
+    def __get__(
+        self: ParallelFunction[Concatenate[S, P2], R2], instance: S, owner: type | None = None
+    ) -> BoundParallelMethod[P2, R2]: ...
     def __get__(self, instance: Any, owner: type | None = None) -> Any:
         if owner is None:
             owner = type(instance)
@@ -248,14 +262,17 @@ def _declare_classvar_for_pydantic(owner: type, name: str) -> None:
     base = getattr(pydantic, "BaseModel", None)
     if base is None or not isinstance(owner, type) or not issubclass(owner, base):
         return
-    annotations = owner.__dict__.get("__annotations__")
+    # The class's own dict, to add to it (pydantic reads it when it builds the model).
+    annotations = owner.__dict__.get("__annotations__")  # noqa: RUF063
     if annotations is None:
         annotations = {}
         type.__setattr__(owner, "__annotations__", annotations)
     annotations.setdefault(name, ClassVar[ParallelFunction[..., Any]])
 
 
-def _rebind(subject: Any, name: str, options: Options, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BoundParallelMethod[Any, Any]:
+def _rebind(
+    subject: Any, name: str, options: Options, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> BoundParallelMethod[Any, Any]:
     """Unpickle ``subject.name`` with its options and fixed arguments."""
     bound = getattr(subject, name)
     if not isinstance(bound, BoundParallelMethod):
@@ -309,9 +326,17 @@ class BoundParallelMethod(Generic[P, R]):
     """
 
     __class_getitem__ = classmethod(GenericAlias)  # type: ignore[var-annotated]
-    __slots__ = ("_func", "_subject", "_kind", "_options", "_args", "_kwargs")
+    __slots__ = ("_args", "_func", "_kind", "_kwargs", "_options", "_subject")
 
-    def __init__(self, func: ParallelFunction[Any, Any], subject: Any, kind: str, options: Options, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        func: ParallelFunction[Any, Any],
+        subject: Any,
+        kind: str,
+        options: Options,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
         self._func = func
         self._subject = subject
         self._kind = kind
@@ -323,7 +348,8 @@ class BoundParallelMethod(Generic[P, R]):
     def __getattr__(self, name: str) -> Any:
         if name in ("__name__", "__qualname__", "__module__", "__annotations__", "__dict__"):
             return getattr(self._func._func, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        msg = f"{type(self).__name__!r} object has no attribute {name!r}"
+        raise AttributeError(msg)
 
     __doc__ = _Doc(__doc__)  # type: ignore[assignment]
 
@@ -344,7 +370,9 @@ class BoundParallelMethod(Generic[P, R]):
     def __repr__(self) -> str:
         extra = ""
         if self._args or self._kwargs:
-            extra += f" partial({', '.join([*map(repr, self._args), *(f'{k}={v!r}' for k, v in self._kwargs.items())])})"
+            extra += (
+                f" partial({', '.join([*map(repr, self._args), *(f'{k}={v!r}' for k, v in self._kwargs.items())])})"
+            )
         given = self._options.given()
         if given:
             extra += f" options({', '.join(f'{k}={v!r}' for k, v in given.items())})"
@@ -358,7 +386,10 @@ class BoundParallelMethod(Generic[P, R]):
         # arguments, when there are any, are re-applied by _rebind.
         name = self._attribute_name()
         if name is None:  # not reachable by name (a super() view, a detached descriptor)
-            return (BoundParallelMethod, (self._func, self._subject, self._kind, self._options, self._args, self._kwargs))
+            return (
+                BoundParallelMethod,
+                (self._func, self._subject, self._kind, self._options, self._args, self._kwargs),
+            )
         if self._options is self._func._options and not self._args and not self._kwargs:
             return (getattr, (self._subject, name))
         return (_rebind, (self._subject, name, self._options, self._args, self._kwargs))
@@ -380,7 +411,9 @@ class BoundParallelMethod(Generic[P, R]):
     # -- plain call --------------------------------------------------------
     def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> R:
         fn = self._func._func
-        lead: tuple[Any, ...] = (self._subject,) if self._kind in ("method", "classmethod", "misplaced-classmethod") else ()
+        lead: tuple[Any, ...] = (
+            (self._subject,) if self._kind in ("method", "classmethod", "misplaced-classmethod") else ()
+        )
         if self._kwargs:
             kwargs = {**self._kwargs, **kwargs}  # type: ignore[assignment]
         return fn(*lead, *self._args, *args, **kwargs)  # type: ignore[no-any-return]
@@ -395,7 +428,9 @@ class BoundParallelMethod(Generic[P, R]):
         """
         check_option_names(options, where=f"{self._func.__qualname__}.options")
         layer = split_options(options, where=f"{self._func.__qualname__}.options", allow_ordered=True)
-        return BoundParallelMethod(self._func, self._subject, self._kind, self._options.merge(layer), self._args, self._kwargs)
+        return BoundParallelMethod(
+            self._func, self._subject, self._kind, self._options.merge(layer), self._args, self._kwargs
+        )
 
     def partial(self, /, *args: Any, **kwargs: Any) -> BoundParallelMethod[..., R]:
         """Fix leading arguments and keywords, like :func:`functools.partial`.
@@ -404,7 +439,9 @@ class BoundParallelMethod(Generic[P, R]):
             >>> m.score.partial(y=5).map(range(3))
             [5, 8, 11]
         """
-        return BoundParallelMethod(self._func, self._subject, self._kind, self._options, (*self._args, *args), {**self._kwargs, **kwargs})
+        return BoundParallelMethod(
+            self._func, self._subject, self._kind, self._options, (*self._args, *args), {**self._kwargs, **kwargs}
+        )
 
     # -- parallel surface ------------------------------------------------
     def _check_bindable(self, what: str) -> None:
@@ -418,7 +455,12 @@ class BoundParallelMethod(Generic[P, R]):
 
     def _layer(self, options: dict[str, Any], what: str, allow_ordered: bool) -> Options:
         self._check_bindable(what)
-        call = split_options(options, where=f"{self._func.__qualname__}.{what}", allow_ordered=allow_ordered, parameter=self._takes_keyword)
+        call = split_options(
+            options,
+            where=f"{self._func.__qualname__}.{what}",
+            allow_ordered=allow_ordered,
+            parameter=self._takes_keyword,
+        )
         return self._options.merge(call)
 
     def _takes_keyword(self, name: str) -> Literal["named", "any"] | None:
@@ -539,5 +581,3 @@ def _star_gen(iterable: Iterable[Iterable[Any]], qualname: str) -> Iterator[tupl
                 raise TypeError(msg) from None
 
     return gen()
-
-

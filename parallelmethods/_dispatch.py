@@ -72,7 +72,16 @@ from . import _orphan, _statecache
 from ._serialize import dumps_value, loads_value
 from .errors import ParallelMethodsError, SerializationError
 
-__all__ = ["run_chunk", "CallContext", "LocalHandle", "FileHandle", "InlineHandle", "RemoteError", "CACHE_SIZE", "cache_info"]
+__all__ = [
+    "CACHE_SIZE",
+    "CallContext",
+    "FileHandle",
+    "InlineHandle",
+    "LocalHandle",
+    "RemoteError",
+    "cache_info",
+    "run_chunk",
+]
 
 CACHE_SIZE = _statecache.CACHE_SIZE
 cache_info = _statecache.cache_info
@@ -214,8 +223,9 @@ def _after_load(subject: Any) -> Any:
             hook(subject)
         except KeyboardInterrupt:
             raise
-        except BaseException as e:  # noqa: BLE001 - named for the user below
-            raise _RebuildFailed("__parallel_init__", e) from e
+        except BaseException as e:
+            msg = "__parallel_init__"
+            raise _RebuildFailed(msg, e) from e
     return subject
 
 
@@ -227,8 +237,9 @@ def _rebuild(handle: Any, blob: Any) -> Any:
             subject = _load_view(memoryview(blob), handle.main_len, handle.buffer_lens)
     except KeyboardInterrupt:
         raise
-    except BaseException as e:  # noqa: BLE001 - named for the user below
-        raise _RebuildFailed("unpickling", e) from e
+    except BaseException as e:
+        msg = "unpickling"
+        raise _RebuildFailed(msg, e) from e
     return _after_load(subject)
 
 
@@ -271,7 +282,9 @@ def _subject_of(handle: Any, blob: Any, ctx: CallContext) -> tuple[Any, str, boo
         if handle.pid != os.getpid():
             return _prepare_fork_copy(handle, subject), "", False
         return subject, "", False
-    subject, cached = _statecache.acquire(handle.key, ctx.call, handle.lineage, ctx.exclude, lambda: _rebuild(handle, blob))
+    subject, cached = _statecache.acquire(
+        handle.key, ctx.call, handle.lineage, ctx.exclude, lambda: _rebuild(handle, blob)
+    )
     return subject, handle.key, cached
 
 
@@ -383,7 +396,7 @@ def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool, 
     if serialized:
         spec = loads_value(spec)
         items = loads_value(items)
-    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations, ctx, star = spec
+    _kind, _name, _mro_index, _fixed_args, _fixed_kwargs, on_error, _check_mutations, ctx, _star = spec
     if ctx.follow:
         _follow_caller(ctx)
     try:

@@ -7,8 +7,9 @@ import gc
 import itertools
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from ._options import Options
 from ._serialize import (
@@ -108,7 +109,9 @@ class Explanation:
             f"  route:      {self.route} - {self.route_text}",
         ]
         if self.serializer:
-            lines.append(f"  serializer: {self.serializer}" + (f" ({self.serializer_reason})" if self.serializer_reason else ""))
+            lines.append(
+                f"  serializer: {self.serializer}" + (f" ({self.serializer_reason})" if self.serializer_reason else "")
+            )
         if self.size_bytes is not None:
             lines.append(f"  size:       {_human(self.size_bytes)}")
         if self.largest_attributes:
@@ -179,7 +182,9 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
     failure: BaseException | None = None
     try:
         # As the map would: large plain-data attributes as marshal on the file route.
-        payload = dumps_state(subject, exclude=plan.exclude, what="self", owner_name=owner, plain_as_marshal=plan.route == "file")
+        payload = dumps_state(
+            subject, exclude=plan.exclude, what="self", owner_name=owner, plain_as_marshal=plan.route == "file"
+        )
         serializer, reason, size = payload.via, payload.why, payload.nbytes
         if serializer == "pickle":
             reason = "every class and function in it can be imported by name in a worker"
@@ -380,8 +385,7 @@ def _rebuild_problem(plan: Any, subject: Any, owner: str, exc: BaseException) ->
         fix = "make it importable by name in a worker, or use backend='threading'"
     if isinstance(exc, RecursionError):
         fix = (
-            f"{path} nests too deep (or refers to itself without end) to be unpickled within the "
-            f"recursion limit; {fix}"
+            f"{path} nests too deep (or refers to itself without end) to be unpickled within the recursion limit; {fix}"
         )
     where = "unpickling " if path == "self" else f"{path} ({type_name}) "
     message = f"{where}fails while rebuilding {what} in a worker: {cause}"

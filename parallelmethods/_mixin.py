@@ -73,7 +73,9 @@ def _as_names(value: Any, keyword: str, cls: type) -> tuple[str, ...]:
     try:
         names = tuple(value)
     except TypeError:
-        msg = f"{cls.__qualname__}: {keyword}= takes a tuple of attribute names, e.g. {keyword}=('name',), not {value!r}"
+        msg = (
+            f"{cls.__qualname__}: {keyword}= takes a tuple of attribute names, e.g. {keyword}=('name',), not {value!r}"
+        )
         raise TypeError(msg) from None
     for name in names:
         if not isinstance(name, str) or not name.isidentifier():

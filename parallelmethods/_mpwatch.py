@@ -23,7 +23,14 @@ import itertools
 import threading
 from typing import Any
 
-from ._compat import FallbackToBackend, MultiprocessingBackend, SequentialBackend, backend_kwargs, memmapping_pool, pool_processes
+from ._compat import (
+    FallbackToBackend,
+    MultiprocessingBackend,
+    SequentialBackend,
+    backend_kwargs,
+    memmapping_pool,
+    pool_processes,
+)
 
 __all__ = ["WatchedMultiprocessingBackend", "WorkerDied"]
 
@@ -49,7 +56,9 @@ class _Died:
 class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[misc]
     """``MultiprocessingBackend`` that fails fast instead of hanging on a dead worker."""
 
-    def configure(self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None, require: Any = None, **pool_kwargs: Any) -> int:
+    def configure(
+        self, n_jobs: int = 1, parallel: Any = None, prefer: Any = None, require: Any = None, **pool_kwargs: Any
+    ) -> int:
         # MultiprocessingBackend.configure (joblib 1.6), minus its gc.collect()
         # before forking: with a large self (1M tuples) that costs ~60 ms per
         # map and frees nothing we need, as the fork shares pages copy-on-write.
@@ -66,7 +75,9 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[mis
         # dies before our first poll is reaped and replaced by the pool's own
         # maintenance thread; we would never see it.
         workers = pool_processes(self._pool)
-        self._watchdog = threading.Thread(target=self._watch, args=(self._pool, self._stop, workers), name="parallelmethods-mp-watchdog", daemon=True)
+        self._watchdog = threading.Thread(
+            target=self._watch, args=(self._pool, self._stop, workers), name="parallelmethods-mp-watchdog", daemon=True
+        )
         self._watchdog.start()
         return n_jobs  # type: ignore[no-any-return]
 

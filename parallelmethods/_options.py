@@ -19,7 +19,16 @@ import numbers
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Literal
 
-__all__ = ["OPTION_NAMES", "UNSET", "Options", "Resolved", "check_option_names", "check_timeout_per_item", "resolve", "split_options"]
+__all__ = [
+    "OPTION_NAMES",
+    "UNSET",
+    "Options",
+    "Resolved",
+    "check_option_names",
+    "check_timeout_per_item",
+    "resolve",
+    "split_options",
+]
 
 
 class _Unset(enum.Enum):
@@ -74,19 +83,13 @@ class Options:
     def merge(self, later: Options) -> Options:
         """Return a copy where every field set in ``later`` wins."""
         changes = {
-            f.name: getattr(later, f.name)
-            for f in dataclasses.fields(later)
-            if getattr(later, f.name) is not UNSET
+            f.name: getattr(later, f.name) for f in dataclasses.fields(later) if getattr(later, f.name) is not UNSET
         }
         return dataclasses.replace(self, **changes) if changes else self
 
     def given(self) -> dict[str, Any]:
         """The fields that are set, as a dict (for reprs and docs)."""
-        return {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) is not UNSET
-        }
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not UNSET}
 
 
 OPTION_NAMES: Final = frozenset(f.name for f in dataclasses.fields(Options))
@@ -164,10 +167,7 @@ def _validate(opts: Options) -> None:
             msg = f"n_jobs must be an int or None, not {type(n_jobs).__name__} ({n_jobs!r})"
             raise TypeError(msg)
         if n_jobs == 0:
-            msg = (
-                "n_jobs=0 is not valid: use a positive number of workers, "
-                "-1 for all cores, or None"
-            )
+            msg = "n_jobs=0 is not valid: use a positive number of workers, -1 for all cores, or None"
             raise ValueError(msg)
 
     backend = opts.backend

@@ -40,7 +40,7 @@ from typing import Any
 
 from . import _compat
 
-__all__ = ["watch_caller", "POLL_SECONDS"]
+__all__ = ["POLL_SECONDS", "watch_caller"]
 
 #: How often a worker checks that its caller is alive.
 POLL_SECONDS = 0.5

@@ -69,8 +69,9 @@ from __future__ import annotations
 import enum
 import multiprocessing
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from ._compat import add_note, loky_pool_errors
 from ._mpwatch import WorkerDied
@@ -80,7 +81,7 @@ if TYPE_CHECKING:
     from ._plan import Plan
     from ._runner import _Collector, _Executor
 
-__all__ = ["State", "Recovery", "PoolFailure", "is_pool_failure", "map_pool_error"]
+__all__ = ["PoolFailure", "Recovery", "State", "is_pool_failure", "map_pool_error"]
 
 
 class State(enum.Enum):
@@ -162,7 +163,11 @@ def map_pool_error(plan: Plan, err: BaseException, in_flight: list[int]) -> Base
         msg = (
             f"{plan.label} took longer than timeout={plan.opts.timeout}s on an item "
             f"(in flight: {describe_items(in_flight)}). "
-            + ("Process workers were stopped and replaced." if plan.route != "reference" else "The thread cannot be stopped and finishes in the background.")
+            + (
+                "Process workers were stopped and replaced."
+                if plan.route != "reference"
+                else "The thread cannot be stopped and finishes in the background."
+            )
         )
         return TimeoutError(msg)
     if is_pool_failure(err):
@@ -195,7 +200,9 @@ class _Unit:
 
 
 def internal_error(what: str) -> ParallelMethodsError:
-    return ParallelMethodsError(f"parallelmethods internal error: {what}. Please report it with the call that caused it.")
+    return ParallelMethodsError(
+        f"parallelmethods internal error: {what}. Please report it with the call that caused it."
+    )
 
 
 class Recovery:
@@ -205,13 +212,17 @@ class Recovery:
     results arrive or as items fail for good.
     """
 
-    def __init__(self, plan: Plan, executor: _Executor, collector: _Collector, start: int, items: list[Any], chunk_size: int) -> None:
+    def __init__(
+        self, plan: Plan, executor: _Executor, collector: _Collector, start: int, items: list[Any], chunk_size: int
+    ) -> None:
         self.plan = plan
         self.executor = executor
         self.collector = collector
         self.start = start
         self.n_items = len(items)
-        self.units: dict[int, _Unit] = {start + i: _Unit(start + i, items[i : i + chunk_size]) for i in range(0, len(items), chunk_size)}
+        self.units: dict[int, _Unit] = {
+            start + i: _Unit(start + i, items[i : i + chunk_size]) for i in range(0, len(items), chunk_size)
+        }
         self.recover = plan.opts.on_error == "return" or plan.opts.retries > 0
 
     # -- the only place where a unit changes state ---------------------------
@@ -243,7 +254,8 @@ class Recovery:
                 unit.losses += 1
                 unit.state = State.FAILED
             case _:
-                raise internal_error(f"item {unit.first} cannot go from {unit.state.name} on {event.name}")
+                msg = f"item {unit.first} cannot go from {unit.state.name} on {event.name}"
+                raise internal_error(msg)
 
     # -- scheduling ------------------------------------------------------------
     def _next_run(self) -> list[_Unit]:
@@ -266,10 +278,12 @@ class Recovery:
                 for first, results, mutated, had_error in outputs:
                     done = self.units.get(first)
                     if done is None or done.state is not State.RUNNING:
-                        raise internal_error(f"a result for item {first}, which is not running")
+                        msg = f"a result for item {first}, which is not running"
+                        raise internal_error(msg)
                     values = self.collector.accept(first, results, mutated, had_error)
                     if len(values) != len(done.items):
-                        raise internal_error(f"{len(values)} results for the {len(done.items)} items from {first}")
+                        msg = f"{len(values)} results for the {len(done.items)} items from {first}"
+                        raise internal_error(msg)
                     self._move(done, Event.RESULT)
                     yield first, values
             except PoolFailure as failure:
@@ -309,7 +323,9 @@ class Recovery:
         covered = 0
         for unit in self.units.values():
             if unit.state not in (State.DONE, State.FAILED):
-                raise internal_error(f"item {unit.first} is still {unit.state.name} at the end of the map")
+                msg = f"item {unit.first} is still {unit.state.name} at the end of the map"
+                raise internal_error(msg)
             covered += len(unit.items)
         if covered != self.n_items:
-            raise internal_error(f"{covered} of {self.n_items} items were resolved")
+            msg = f"{covered} of {self.n_items} items were resolved"
+            raise internal_error(msg)

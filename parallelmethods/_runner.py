@@ -119,7 +119,9 @@ class _Executor:
         self.star = bool(plan.spec[-1])
         self.spec = _spec_payload(plan, self.serialized)
 
-    def run(self, chunks: list[tuple[int, list[Any]]], timeout: float | None) -> Generator[tuple[int, list[Any], bool, bool], None, None]:
+    def run(
+        self, chunks: list[tuple[int, list[Any]]], timeout: float | None
+    ) -> Generator[tuple[int, list[Any], bool, bool], None, None]:
         plan = self.plan
         dispatched: set[int] = set()
         completed: set[int] = set()
@@ -131,7 +133,9 @@ class _Executor:
                 yield delayed(run_chunk)(self.handle, self.spec, first, payload, self.serialized, self.blob)
 
         return_as = "generator_unordered" if plan.backend.supports_return_generator else "list"
-        parallel = Parallel(n_jobs=plan.n_jobs, backend=plan.backend, batch_size=1, timeout=timeout, return_as=return_as)
+        parallel = Parallel(
+            n_jobs=plan.n_jobs, backend=plan.backend, batch_size=1, timeout=timeout, return_as=return_as
+        )
         outputs: Any = None
         started_in = threading.get_ident()
         try:
@@ -406,7 +410,9 @@ class _ImapIterator(collections.abc.Iterator):  # type: ignore[type-arg]
         self._finalizer()
 
 
-def _imap(plan: Plan, executor: _Executor, items_iter: Iterator[Any], stack: contextlib.ExitStack) -> Generator[Any, None, None]:
+def _imap(
+    plan: Plan, executor: _Executor, items_iter: Iterator[Any], stack: contextlib.ExitStack
+) -> Generator[Any, None, None]:
     window_chunks = READAHEAD_PER_WORKER * max(1, plan.effective_n_jobs)
     chunk_size = plan.opts.batch_size if isinstance(plan.opts.batch_size, int) else 1
     ordered = plan.opts.ordered

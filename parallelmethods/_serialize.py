@@ -33,8 +33,9 @@ import hashlib
 import io
 import pickle
 import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import cloudpickle
 
@@ -43,7 +44,7 @@ from ._descriptor import ParallelFunction
 from ._plain import marshal_plain_attributes
 from .errors import SerializationError
 
-__all__ = ["Payload", "dumps_state", "dumps_value", "loads_value", "find_unpicklable", "describe_path_fix"]
+__all__ = ["Payload", "describe_path_fix", "dumps_state", "dumps_value", "find_unpicklable", "loads_value"]
 
 PROTOCOL = 5
 
@@ -98,7 +99,8 @@ class _Pickler(_RootPickler):
         if isinstance(obj, ParallelFunction) and obj._travels_by_value():
             # Its __reduce__ names a __main__ function (for stdlib pickle
             # users); workers need the function itself.
-            raise _NeedsCloudpickle(f"{obj.__qualname__} is defined in {obj.__module__}, which workers cannot import")
+            msg = f"{obj.__qualname__} is defined in {obj.__module__}, which workers cannot import"
+            raise _NeedsCloudpickle(msg)
         return super().reducer_override(obj)
 
 
@@ -250,7 +252,15 @@ def dumps_state(
     why = ""
     try:
         main, buffers = _dump_with(_Pickler, obj, root_rv)
-        return Payload(main, tuple(buffers), digest or _digest(main, buffers), "pickle", "", len(main) + sum(b.nbytes for b in buffers), marshalled)
+        return Payload(
+            main,
+            tuple(buffers),
+            digest or _digest(main, buffers),
+            "pickle",
+            "",
+            len(main) + sum(b.nbytes for b in buffers),
+            marshalled,
+        )
     except _NeedsCloudpickle as e:
         why = str(e)
     except RecursionError as e:  # as cloudpickle's Pickler.dump does
@@ -259,9 +269,17 @@ def dumps_state(
         why = f"pickle failed: {type(e).__name__}: {e}"
     try:
         main, buffers = _dump_with(_CloudPickler, obj, root_rv)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise serialization_error(obj, e, what=what, exclude=exclude, owner_name=owner_name) from e
-    return Payload(main, tuple(buffers), digest or _digest(main, buffers), "cloudpickle", why, len(main) + sum(b.nbytes for b in buffers), marshalled)
+    return Payload(
+        main,
+        tuple(buffers),
+        digest or _digest(main, buffers),
+        "cloudpickle",
+        why,
+        len(main) + sum(b.nbytes for b in buffers),
+        marshalled,
+    )
 
 
 def _by_value_code(digest: str) -> None:  # pragma: no cover - never called
@@ -347,7 +365,9 @@ def fingerprint(obj: Any, root_rv: Any) -> str:
         h.update(_fingerprint_bytes(obj, obj, root_rv, code, fast=True))
     except Exception:  # noqa: BLE001 - a cycle or an unpicklable part: hash part by part
         h = hashlib.sha256(b"parts")
-        pieces: list[tuple[str, Any]] = [("<type>", (root_rv[0], root_rv[1]) if isinstance(root_rv, tuple) else type(obj))]
+        pieces: list[tuple[str, Any]] = [
+            ("<type>", (root_rv[0], root_rv[1]) if isinstance(root_rv, tuple) else type(obj))
+        ]
         pieces += parts if parts is not None else [("<obj>", obj)]
         for name, value in pieces:
             h.update(repr(name).encode())
@@ -436,7 +456,9 @@ def _default_state(value: Any) -> Any:
     return rv[2] if isinstance(rv, tuple) and len(rv) > 2 else None
 
 
-def find_unpicklable(value: Any, path: str, exclude: tuple[str, ...] = (), _depth: int = 0, _seen: set[int] | None = None) -> tuple[str, Any] | None:
+def find_unpicklable(
+    value: Any, path: str, exclude: tuple[str, ...] = (), _depth: int = 0, _seen: set[int] | None = None
+) -> tuple[str, Any] | None:
     """Depth-first: the deepest path under ``value`` that cannot be pickled.
 
     Returns ``(path, obj)`` or None when every child pickles (then ``value``
@@ -484,7 +506,9 @@ def describe_path_fix(path: str, *, what: str, owner_name: str) -> str:
     return "pass something picklable (a path, a key, plain data) or use backend='threading'"
 
 
-def serialization_error(obj: Any, cause: BaseException, *, what: str, exclude: tuple[str, ...] = (), owner_name: str = "") -> SerializationError:
+def serialization_error(
+    obj: Any, cause: BaseException, *, what: str, exclude: tuple[str, ...] = (), owner_name: str = ""
+) -> SerializationError:
     """Build the SerializationError for ``obj`` named ``what`` ("self", "argument 0 of item 3")."""
     found = find_unpicklable(obj, "self" if what == "self" else what, exclude)
     path, culprit = found if found is not None else (what, obj)
@@ -496,4 +520,3 @@ def serialization_error(obj: Any, cause: BaseException, *, what: str, exclude: t
         f"even with cloudpickle ({type(cause).__name__}: {cause}). Fix: {fix}."
     )
     return SerializationError(msg, path=path, obj_type=obj_type, cause=cause)
-

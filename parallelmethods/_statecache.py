@@ -42,12 +42,13 @@ from __future__ import annotations
 import collections
 import threading
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ._serialize import fingerprint, root_reduce
 
-__all__ = ["CACHE_SIZE", "acquire", "release", "cache_info", "state_fingerprint"]
+__all__ = ["CACHE_SIZE", "acquire", "cache_info", "release", "state_fingerprint"]
 
 #: How many distinct ``self`` states a worker keeps rebuilt (LRU).
 CACHE_SIZE = 4
@@ -84,12 +85,24 @@ def state_fingerprint(subject: Any, exclude: tuple[str, ...]) -> str:
     if isinstance(subject, (type, types.FunctionType)):
         return fingerprint(subject, None)
     cls = type(subject)
-    names = [n for k in cls.__mro__ for n in (k.__dict__.get("__slots__", ()) if isinstance(k.__dict__.get("__slots__", ()), (tuple, list)) else (k.__dict__["__slots__"],))]
+    names = [
+        n
+        for k in cls.__mro__
+        for n in (
+            k.__dict__.get("__slots__", ())
+            if isinstance(k.__dict__.get("__slots__", ()), (tuple, list))
+            else (k.__dict__["__slots__"],)
+        )
+    ]
     has_dict = hasattr(subject, "__dict__")
     if not has_dict and not names and not isinstance(subject, (list, dict)):
         return fingerprint(subject, root_reduce(subject, exclude))
     state = {k: v for k, v in (vars(subject) if has_dict else {}).items() if k not in exclude}
-    slots = {n: getattr(subject, n) for n in names if n not in exclude and n not in ("__dict__", "__weakref__") and hasattr(subject, n)}
+    slots = {
+        n: getattr(subject, n)
+        for n in names
+        if n not in exclude and n not in ("__dict__", "__weakref__") and hasattr(subject, n)
+    }
     items = list(subject) if isinstance(subject, list) else None
     pairs = list(subject.items()) if isinstance(subject, dict) else None
     return fingerprint(subject, (_copy_of, (cls,), (state, slots), items, pairs))

@@ -29,20 +29,20 @@ import tempfile
 import threading
 import uuid
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
-
+from typing import TYPE_CHECKING, Any
 
 from . import _dispatch
 from ._compat import joblib_config_temp_folder, track_file, untrack_file
 from ._dispatch import FileHandle, LocalHandle
-from .errors import ParallelMethodsError
 from ._serialize import Payload, dumps_state, fingerprint, root_reduce
+from .errors import ParallelMethodsError
 
 if TYPE_CHECKING:
     from ._plan import Plan
 
-__all__ = ["Shipment", "shipped", "serialize_subject", "FILE_PREFIX", "KEPT_FILES"]
+__all__ = ["FILE_PREFIX", "KEPT_FILES", "Shipment", "serialize_subject", "shipped"]
 
 FILE_PREFIX = "parallelmethods-"
 #: Objects whose last payload file is kept between calls.
@@ -67,7 +67,13 @@ def serialize_subject(plan: Plan, root_rv: Any = None, digest: str | None = None
     # marshal only for local workers: its format belongs to this exact Python
     # version, and a dask worker may run another one.
     return dumps_state(
-        plan.subject, exclude=plan.exclude, what="self", owner_name=owner_name, root_rv=root_rv, digest=digest, plain_as_marshal=plan.route == "file"
+        plan.subject,
+        exclude=plan.exclude,
+        what="self",
+        owner_name=owner_name,
+        root_rv=root_rv,
+        digest=digest,
+        plain_as_marshal=plan.route == "file",
     )
 
 
@@ -101,7 +107,9 @@ def _write(payload: Payload, lineage: str = "", what: str = "self") -> FileHandl
                     raise
                 tried.append(f"{folder} ({_size(free) + ' free, ' if free is not None else ''}{exc.strerror or exc})")
                 continue
-            return FileHandle(path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers), lineage)
+            return FileHandle(
+                path, payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers), lineage
+            )
         if attempt == 1 and KEPT.drop_unused():
             continue  # files kept for other objects made room
         break
@@ -136,8 +144,6 @@ _NO_ROOM = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None), e
 def _falls_back_after(exc: OSError) -> bool:
     """Errors on an automatically chosen folder after which joblib also falls back (rights, read-only)."""
     return exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR)
-
-
 
 
 def temp_folders() -> tuple[list[str], bool]:

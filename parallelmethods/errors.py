@@ -31,9 +31,7 @@ class ParallelMethodsError(Exception):
     .. versionadded:: 0.1
     """
 
-    def __init__(
-        self, message: str, *, type_name: str | None = None, traceback_text: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, type_name: str | None = None, traceback_text: str | None = None) -> None:
         super().__init__(message)
         self.type_name = type_name
         self.traceback_text = traceback_text

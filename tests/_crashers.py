@@ -33,7 +33,9 @@ class Crasher:
     complete first.
     """
 
-    def __init__(self, directory: str, crash_on: tuple[int, ...] = (3,), once: bool = False, delay: float = 0.0) -> None:
+    def __init__(
+        self, directory: str, crash_on: tuple[int, ...] = (3,), once: bool = False, delay: float = 0.0
+    ) -> None:
         self.dir = directory
         self.crash_on = crash_on
         self.once = once

@@ -27,7 +27,7 @@ class ResultUnpicklableHere:
         return (_explode_in_caller, (os.getpid(),))
 
 
-def _explode_in_caller(worker_pid: int) -> "ResultUnpicklableHere":
+def _explode_in_caller(worker_pid: int) -> ResultUnpicklableHere:
     raise RuntimeError("result cannot be rebuilt in the caller")
 
 

@@ -186,7 +186,19 @@ def square(i: int) -> int:
 def plain_table(n: int) -> dict[str, Any]:
     """Plain data of every kind marshal and pickle both write: the same each call."""
     return {
-        f"k{i}": (i, float(i), str(i) * 2, [i, -i], {"n": i, (i, "t"): frozenset({i})}, None, i % 2 == 0, b"b", 2**70 + i, complex(i, 1), ())
+        f"k{i}": (
+            i,
+            float(i),
+            str(i) * 2,
+            [i, -i],
+            {"n": i, (i, "t"): frozenset({i})},
+            None,
+            i % 2 == 0,
+            b"b",
+            2**70 + i,
+            complex(i, 1),
+            (),
+        )
         for i in range(n)
     }
 

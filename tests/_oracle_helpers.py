@@ -248,7 +248,7 @@ class Notebook:
         self.run(classes_source(code))
 
     def run(self, source: str) -> None:
-        exec(compile(source, "<oracle-notebook>", "exec"), self.ns)  # noqa: S102
+        exec(compile(source, "<oracle-notebook>", "exec"), self.ns)
 
     def close(self) -> None:
         for k in list(self.ns):
@@ -258,7 +258,7 @@ class Notebook:
 
 
 # By-reference copies of the same classes: tests._oracle_helpers.Box, ...
-exec(compile(classes_source(0), __file__ + ":classes_source", "exec"), globals())  # noqa: S102
+exec(compile(classes_source(0), __file__ + ":classes_source", "exec"), globals())
 
 
 def make_local_class(code: int) -> type:

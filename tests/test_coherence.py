@@ -26,7 +26,11 @@ def test_worker_change_never_reaches_a_new_object(process_backend: str) -> None:
     """Case 1: what a method did to its worker's copy is not served to a brand-new equal object."""
     C.Counter(2).record.map(range(100), backend=process_backend, n_jobs=N)
     fresh = C.Counter(2)
-    assert fresh.score.map(range(5), backend=process_backend, n_jobs=N) == [fresh.score(x) for x in range(5)] == [0, 2, 4, 6, 8]
+    assert (
+        fresh.score.map(range(5), backend=process_backend, n_jobs=N)
+        == [fresh.score(x) for x in range(5)]
+        == [0, 2, 4, 6, 8]
+    )
 
 
 def test_worker_change_never_reaches_the_next_call(process_backend: str) -> None:
@@ -122,7 +126,11 @@ def test_workers_follow_the_callers_cwd(tmp_path: object, process_backend: str) 
             with open(os.path.join(d, "data.txt"), "w") as f:
                 f.write(name)
             os.chdir(d)
-            assert w.read.map(["data.txt"] * 4, backend=process_backend, n_jobs=N) == [w.read("data.txt")] * 4 == [name] * 4
+            assert (
+                w.read.map(["data.txt"] * 4, backend=process_backend, n_jobs=N)
+                == [w.read("data.txt")] * 4
+                == [name] * 4
+            )
             assert w.cwd.map(range(2), backend=process_backend, n_jobs=N) == [d] * 2
     finally:
         os.chdir(old)
@@ -150,7 +158,10 @@ def test_workers_follow_the_callers_sys_path(tmp_path: object, process_backend: 
     ("obj", "match"),
     [
         (C.SetstateFails, r"while rebuilding self \(SetstateFails\) in a worker: ValueError .*cannot restore"),
-        (C.InitFails, r"while rebuilding self \(InitFails\) in a worker: OSError during __parallel_init__.*not reachable.*Fix: fix InitFails.__parallel_init__"),
+        (
+            C.InitFails,
+            r"while rebuilding self \(InitFails\) in a worker: OSError during __parallel_init__.*not reachable.*Fix: fix InitFails.__parallel_init__",
+        ),
         (C.DeepChain, r"while rebuilding self \(DeepChain\) in a worker: RecursionError.*exclude="),
     ],
     ids=["__setstate__", "__parallel_init__", "RecursionError"],
@@ -179,7 +190,10 @@ def test_rebuild_failure_with_a_module_the_worker_cannot_import(tmp_path: object
     finally:
         sys.path.remove(folder)
     try:
-        with pytest.raises(ParallelMethodsError, match=r"while rebuilding self \(ImportsLater\).*(ModuleNotFoundError|ImportError).*sys\.path"):
+        with pytest.raises(
+            ParallelMethodsError,
+            match=r"while rebuilding self \(ImportsLater\).*(ModuleNotFoundError|ImportError).*sys\.path",
+        ):
             obj.f.map(range(4), backend="loky", n_jobs=N)
     finally:
         sys.modules.pop("pm_private_mod", None)

@@ -49,9 +49,9 @@ def test_loky_leak_limit_name_exists_and_is_raised_only_by_what_we_hold() -> Non
     assert isinstance(original, int) and original > 0
     try:
         _compat.raise_loky_leak_limit(1000)
-        assert executor._MAX_MEMORY_LEAK_SIZE == original + 1000
+        assert original + 1000 == executor._MAX_MEMORY_LEAK_SIZE
         _compat.raise_loky_leak_limit(10)  # not cumulative: base + what is held now
-        assert executor._MAX_MEMORY_LEAK_SIZE == original + 10
+        assert original + 10 == executor._MAX_MEMORY_LEAK_SIZE
     finally:
         executor._MAX_MEMORY_LEAK_SIZE = original
 
@@ -70,7 +70,12 @@ def test_joblib_backend_classes_are_the_ones_joblib_registers() -> None:
     assert registered["sequential"] is _compat.SequentialBackend
     assert registered["multiprocessing"] is _compat.MultiprocessingBackend
     assert registered["loky"] is _compat.LokyBackend
-    for cls in (_compat.ThreadingBackend, _compat.SequentialBackend, _compat.MultiprocessingBackend, _compat.LokyBackend):
+    for cls in (
+        _compat.ThreadingBackend,
+        _compat.SequentialBackend,
+        _compat.MultiprocessingBackend,
+        _compat.LokyBackend,
+    ):
         assert issubclass(cls, _compat.ParallelBackendBase)
     if hasattr(joblib, "ParallelBackendBase"):  # public from joblib 1.5
         assert joblib.ParallelBackendBase is _compat.ParallelBackendBase
@@ -165,12 +170,17 @@ def test_multiprocessing_start_method_is_what_joblibs_pool_uses(tmp_path: Any) -
 
     script = tmp_path / "probe.py"
     script.write_text(_START_METHOD_PROBE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *sys.path])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))), *sys.path]),
+    }
     expected_default = multiprocessing.get_all_start_methods()[0]
     for arg, expected in (("default", expected_default), ("forkserver", "forkserver")):
         if expected not in multiprocessing.get_all_start_methods():
             continue
-        out = subprocess.run([sys.executable, str(script), arg], capture_output=True, text=True, timeout=60, env=env, check=False)
+        out = subprocess.run(
+            [sys.executable, str(script), arg], capture_output=True, text=True, timeout=60, env=env, check=False
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == expected
 
@@ -191,7 +201,9 @@ def test_pool_processes_lists_live_workers_and_dead_ones_keep_their_exit_code() 
             time.sleep(0.05)
         dead = [p for p in procs if p.exitcode is not None]
         assert [p.exitcode for p in dead] == [3]
-        while time.monotonic() < deadline and (dead[0] in _compat.pool_processes(pool) or len(_compat.pool_processes(pool)) < 2):
+        while time.monotonic() < deadline and (
+            dead[0] in _compat.pool_processes(pool) or len(_compat.pool_processes(pool)) < 2
+        ):
             time.sleep(0.05)
         assert dead[0] not in _compat.pool_processes(pool)  # why the watchdog keeps its own list
         assert len(_compat.pool_processes(pool)) == 2  # replaced, silently
@@ -207,7 +219,7 @@ def test_loky_pool_errors_are_what_a_dead_loky_worker_raises() -> None:
     assert issubclass(terminated, broken)
     try:
         joblib.Parallel(n_jobs=2, backend="loky")(joblib.delayed(os._exit)(1) for _ in range(2))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         assert isinstance(e, broken), repr(e)
     else:  # pragma: no cover
         raise AssertionError("a dead loky worker raised nothing")
@@ -234,7 +246,9 @@ def test_tracked_files_are_removed_when_the_process_dies(tmp_path: Any) -> None:
     import subprocess
     import time
 
-    out = subprocess.run([sys.executable, "-c", _TRACKED_FILE_PROBE], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _TRACKED_FILE_PROBE], capture_output=True, text=True, timeout=60, check=True
+    )
     path, other = out.stdout.split()
     try:
         deadline = time.monotonic() + 10
@@ -277,9 +291,8 @@ def test_gil_enabled_answers() -> None:
 
 def test_loky_workers_command_line_carries_the_mark() -> None:
     """Live loky workers started by joblib run ``-m joblib.externals.loky.backend.popen_loky_posix``."""
-    import pytest
-
     import joblib
+    import pytest
 
     if not os.path.isdir("/proc/self"):
         pytest.skip("needs /proc")

@@ -19,7 +19,9 @@ N = 2
 
 @pytest.mark.parametrize("backend", ["loky", "multiprocessing"])
 @pytest.mark.parametrize("on_error", ["raise", "return"])
-def test_retries_never_rerun_the_methods_own_exception_on_processes(tmp_path: object, backend: str, on_error: str) -> None:
+def test_retries_never_rerun_the_methods_own_exception_on_processes(
+    tmp_path: object, backend: str, on_error: str
+) -> None:
     """retries=3 on a process backend: item 2's own ValueError is a result, run exactly once (runs counted in files)."""
     d = str(tmp_path)
     if on_error == "raise":

@@ -153,7 +153,9 @@ def test_abandoned_imap_leaves_no_multiprocessing_pool() -> None:
     assert pid != os.getpid()
     it.close()  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+    while (
+        psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline
+    ):
         time.sleep(0.1)
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, "a pool process was left"
     assert M.Model(2).score.map(range(6), backend="multiprocessing", n_jobs=N) == [0, 2, 4, 6, 8, 10]

@@ -186,9 +186,13 @@ def test_public_names_and_error_hierarchy() -> None:
         parallelizable,
     )
 
-    assert {"parallelizable", "ParallelMixin", "ParallelMethodsError", "SerializationError", "WorkerCrashedError"} <= set(
-        parallelmethods.__all__
-    )
+    assert {
+        "parallelizable",
+        "ParallelMixin",
+        "ParallelMethodsError",
+        "SerializationError",
+        "WorkerCrashedError",
+    } <= set(parallelmethods.__all__)
     assert callable(parallelizable) and isinstance(ParallelMixin, type)
     assert issubclass(SerializationError, ParallelMethodsError) and issubclass(SerializationError, TypeError)
     assert issubclass(WorkerCrashedError, ParallelMethodsError) and issubclass(WorkerCrashedError, RuntimeError)

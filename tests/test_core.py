@@ -78,7 +78,7 @@ def test_classmethod_staticmethod_module_function(backend_name: str) -> None:
 
 def test_inherited_override_slots_dataclass_property_varargs(process_backend: str) -> None:
     """Inherited methods, subclass overrides, __slots__, dataclasses and properties all work in workers."""
-    kw = dict(backend=process_backend, n_jobs=N)
+    kw = {"backend": process_backend, "n_jobs": N}
     assert M.Inherits(2).score.map([1, 2], **kw) == [2, 4]
     assert M.SubModel(2).score.map([1, 2], **kw) == [-2, -4]
     assert M.Slotted(3).score.map([1, 2], **kw) == [3, 6]

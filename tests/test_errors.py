@@ -30,11 +30,31 @@ def _next_map_works(backend: str) -> None:
 
 CRASH_TABLE = [
     # (what, call, expected exception, message match)
-    ("pickling self", lambda o, b: F.HoldsLock().f.map([1], backend=b, n_jobs=N), SerializationError, r"self\.lock \(_thread\.lock\)"),
-    ("unpickling self in the worker", lambda o, b: F.UnpicklesBadly().f.map(range(4), backend=b, n_jobs=N), ParallelMethodsError, r"while rebuilding self \(UnpicklesBadly\) in a worker: RuntimeError .*cannot be rebuilt here"),
+    (
+        "pickling self",
+        lambda o, b: F.HoldsLock().f.map([1], backend=b, n_jobs=N),
+        SerializationError,
+        r"self\.lock \(_thread\.lock\)",
+    ),
+    (
+        "unpickling self in the worker",
+        lambda o, b: F.UnpicklesBadly().f.map(range(4), backend=b, n_jobs=N),
+        ParallelMethodsError,
+        r"while rebuilding self \(UnpicklesBadly\) in a worker: RuntimeError .*cannot be rebuilt here",
+    ),
     ("inside the method", lambda o, b: o.method_raises.map(range(10), backend=b, n_jobs=N), KeyError, "no 7"),
-    ("pickling the result", lambda o, b: o.result_unpicklable.map(range(3), backend=b, n_jobs=N), SerializationError, "result of item 1"),
-    ("unpickling the result", lambda o, b: o.result_fails_in_caller.map(range(3), backend=b, n_jobs=N), ParallelMethodsError, "could not be rebuilt in the caller"),
+    (
+        "pickling the result",
+        lambda o, b: o.result_unpicklable.map(range(3), backend=b, n_jobs=N),
+        SerializationError,
+        "result of item 1",
+    ),
+    (
+        "unpickling the result",
+        lambda o, b: o.result_fails_in_caller.map(range(3), backend=b, n_jobs=N),
+        ParallelMethodsError,
+        "could not be rebuilt in the caller",
+    ),
     ("os._exit(1)", lambda o, b: o.exits.map(range(8), backend=b, n_jobs=N), WorkerCrashedError, r"exit code 1"),
     ("SIGKILL", lambda o, b: o.killed.map(range(8), backend=b, n_jobs=N), WorkerCrashedError, r"SIGKILL"),
     ("timeout", lambda o, b: o.sleeps.map(range(4), backend=b, n_jobs=N, timeout=1), TimeoutError, r"timeout=1s"),
@@ -166,7 +186,7 @@ def test_concurrent_maps_from_threads() -> None:
         t.start()
     for t in threads:
         t.join(60)
-    assert {k: v for k, v in results.items()} == {k: [3 * i + k for i in range(50)] for k in range(4)}
+    assert dict(results.items()) == {k: [3 * i + k for i in range(50)] for k in range(4)}
 
 
 def test_two_imaps_read_in_turn_and_abandoned(process_backend: str) -> None:
@@ -237,7 +257,9 @@ def test_ctrl_c_exits_fast_without_orphans(tmp_path: object, backend_name: str) 
 
 
 def _our_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return [
+        p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 @pytest.mark.slow
@@ -285,9 +307,14 @@ def test_soak_no_leaks(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Non
 
     get_reusable_executor().shutdown(wait=True, kill_workers=True)
     deadline = time.monotonic() + 10
+
     def workers() -> list[psutil.Process]:
         # loky's resource tracker and multiprocessing's forkserver serve the whole process.
-        return [p for p in _our_children() if not any(k in " ".join(p.cmdline()) for k in ("resource_tracker", "forkserver"))]
+        return [
+            p
+            for p in _our_children()
+            if not any(k in " ".join(p.cmdline()) for k in ("resource_tracker", "forkserver"))
+        ]
 
     while time.monotonic() < deadline and workers():
         time.sleep(0.2)
@@ -310,7 +337,10 @@ def test_payload_files_go_with_their_objects() -> None:
 
     before = files()
     m = M.Model(5)
-    threads = [threading.Thread(target=m.score.map, args=(range(20),), kwargs={"backend": "loky", "n_jobs": N}) for _ in range(4)]
+    threads = [
+        threading.Thread(target=m.score.map, args=(range(20),), kwargs={"backend": "loky", "n_jobs": N})
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -356,7 +386,7 @@ class _NestedHolder:
 
 
 class _SlotsHolder:
-    __slots__ = ("name", "guard")
+    __slots__ = ("guard", "name")
 
     def __init__(self) -> None:
         self.name = "x"
@@ -367,7 +397,10 @@ class _SlotsHolder:
         return x
 
 
-@pytest.mark.parametrize(("obj", "path"), [(_NestedHolder(), r"self\.inner\.handle \(_thread\.lock\)"), (_SlotsHolder(), r"self\.guard \(_thread\.lock\)")])
+@pytest.mark.parametrize(
+    ("obj", "path"),
+    [(_NestedHolder(), r"self\.inner\.handle \(_thread\.lock\)"), (_SlotsHolder(), r"self\.guard \(_thread\.lock\)")],
+)
 def test_serialization_error_paths(obj: object, path: str) -> None:
     """Nested attributes and __slots__ attributes are named by their path."""
     with pytest.raises(SerializationError, match=path):
@@ -445,7 +478,9 @@ def test_killed_caller_leaves_no_payload_file(tmp_path: object) -> None:
     assert proc.stdout.readline().strip() == "READY"
     ours = f"{FILE_PREFIX}{proc.pid}-"
     assert [n for n in os.listdir("/dev/shm") if n.startswith(ours)], "the live object's file should be kept"
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+    workers = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())
+    ]
     proc.kill()
     proc.wait(10)
     # loky's orphaned workers would exit at their idle timeout (300 s); end them now.

@@ -25,12 +25,12 @@ def _tqdm_bar_rebuilds() -> bool:
     try:
         try:
             blob = pickle.dumps(bar, protocol=5)
-        except Exception:  # noqa: BLE001 - the library falls back to cloudpickle too
+        except Exception:
             blob = cloudpickle.dumps(bar, protocol=5)
         pickle.loads(blob)
     except RecursionError:
         return False
-    except Exception:  # noqa: BLE001 - any other failure to rebuild also counts
+    except Exception:
         return False
     finally:
         bar.close()

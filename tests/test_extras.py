@@ -20,7 +20,7 @@ from .conftest import FORK_ROUTE
 def test_progress_bar_counts_items(capsys: pytest.CaptureFixture[str], backend_name: str, how: str) -> None:
     """progress=True draws a tqdm bar on stderr whose count reaches the number of items."""
     m = M.Model(1)
-    kw = dict(backend=backend_name, n_jobs=2, progress=True)
+    kw = {"backend": backend_name, "n_jobs": 2, "progress": True}
     if how == "map":
         m.score.map(range(37), **kw)
     elif how == "starmap":

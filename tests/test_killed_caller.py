@@ -107,7 +107,9 @@ def _payload_files(pid: int) -> list[str]:
         ("multiprocessing", 2, 40, "busy"),  # forked pool workers (no idle timeout at all)
     ],
 )
-def test_sigkilled_caller_leaves_no_workers_nor_files(tmp_path: object, backend: str, n_jobs: int, items: int, then: str) -> None:
+def test_sigkilled_caller_leaves_no_workers_nor_files(
+    tmp_path: object, backend: str, n_jobs: int, items: int, then: str
+) -> None:
     script = os.path.join(str(tmp_path), "caller.py")
     report = os.path.join(str(tmp_path), "pids.json")
     with open(script, "w") as f:

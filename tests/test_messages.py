@@ -33,7 +33,9 @@ def takes_self(x: int, self: int = 0, func: int = 0) -> tuple[int, int, int]:
 
 def test_decorator_option_typo_suggests_the_option() -> None:
     """@parallelizable(n_job=2) names n_jobs instead of a bare Options.__init__ error."""
-    with pytest.raises(TypeError, match=r"parallelizable\(\) got an unexpected keyword argument 'n_job': did you mean 'n_jobs'\?"):
+    with pytest.raises(
+        TypeError, match=r"parallelizable\(\) got an unexpected keyword argument 'n_job': did you mean 'n_jobs'\?"
+    ):
         parallelizable(n_job=2)  # type: ignore[call-overload]
 
 
@@ -92,7 +94,9 @@ def test_backend_typo_on_the_decorator_suggests_the_backend() -> None:
 
 def test_cached_property_is_refused_at_decoration() -> None:
     """functools.cached_property: TypeError naming it and saying to decorate a method of the item."""
-    with pytest.raises(TypeError, match=r"functools\.cached_property object \(area\).*decorate a method that takes the item"):
+    with pytest.raises(
+        TypeError, match=r"functools\.cached_property object \(area\).*decorate a method that takes the item"
+    ):
 
         class Shape:
             @parallelizable  # type: ignore[prop-decorator]
@@ -113,7 +117,10 @@ def _size(self: object) -> int:
 
 def test_partial_object_is_refused_with_the_partial_fix() -> None:
     """functools.partial: TypeError pointing to decorating the function and using .partial()."""
-    with pytest.raises(TypeError, match=r"functools\.partial object of pow: decorate the function itself.*parallelizable\(pow\)\.partial"):
+    with pytest.raises(
+        TypeError,
+        match=r"functools\.partial object of pow: decorate the function itself.*parallelizable\(pow\)\.partial",
+    ):
         parallelizable(functools.partial(pow, 2))
 
 

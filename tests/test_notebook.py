@@ -53,7 +53,9 @@ def _run(tmp_path: object, *, hide_ipywidgets: bool) -> Any:
         nb.cells.insert(0, nbformat.v4.new_code_cell('import sys\nsys.modules["ipywidgets"] = None'))
     # Be kind to a shared machine: end the kernel's loky workers with it.
     nb.cells.append(
-        nbformat.v4.new_code_cell("from joblib.externals.loky import get_reusable_executor\nget_reusable_executor().shutdown(wait=True)")
+        nbformat.v4.new_code_cell(
+            "from joblib.externals.loky import get_reusable_executor\nget_reusable_executor().shutdown(wait=True)"
+        )
     )
     client = nbclient.NotebookClient(
         nb,
@@ -111,7 +113,9 @@ def test_notebook_text_bar_without_ipywidgets(tmp_path: object) -> None:
 @pytest.mark.timeout(300)
 def test_notebook_widget_bar(tmp_path: object) -> None:
     """With ipywidgets (the notebook extra): tqdm's widget, which reaches 30/30; nothing on stderr."""
-    pytest.importorskip("ipywidgets", reason="the widget bar needs ipywidgets (pip install 'parallelmethods[notebook]')")
+    pytest.importorskip(
+        "ipywidgets", reason="the widget bar needs ipywidgets (pip install 'parallelmethods[notebook]')"
+    )
     nb = _run(tmp_path, hide_ipywidgets=False)
     _check_common(nb)
     progress = _cell(nb, '"PROGRESS"')

@@ -93,7 +93,9 @@ SEED = os.environ.get("PM_ORACLE_SEED")
 WARM = bool(os.environ.get("PM_ORACLE_WARM"))
 SHRINK_SECONDS = int(os.environ.get("PM_ORACLE_SHRINK_SECONDS", "60"))
 ONLY = {g for g in os.environ.get("PM_ORACLE_ONLY", "").split(",") if g}
-BACKENDS = [b for b in os.environ.get("PM_ORACLE_BACKENDS", "loky,multiprocessing,threading,sequential,dask").split(",") if b]
+BACKENDS = [
+    b for b in os.environ.get("PM_ORACLE_BACKENDS", "loky,multiprocessing,threading,sequential,dask").split(",") if b
+]
 
 #: Crash/timeout maps per example, at most (each costs 1-2 s of worker restarts);
 #: each example draws its budget in 0..MAX_COSTLY.
@@ -102,8 +104,14 @@ TIMEOUT = 1.0
 SLEEP = 3.0
 
 KINDS = (
-    "ref.Box", "ref.SlotBox", "ref.DataBox", "ref.MixBox",
-    "main.Box", "main.SlotBox", "main.DataBox", "main.MixBox",
+    "ref.Box",
+    "ref.SlotBox",
+    "ref.DataBox",
+    "ref.MixBox",
+    "main.Box",
+    "main.SlotBox",
+    "main.DataBox",
+    "main.MixBox",
     "local",
 )
 PURE_METHODS = ("pure", "alt", "where")
@@ -138,8 +146,16 @@ def _dynamic(cls: type) -> bool:
 def _snapshot(obj: Any) -> tuple[Any, ...]:
     """The caller-visible state of a box, for "nothing came back" checks."""
     return (
-        type(obj), obj.w, list(obj.a), list(obj.b), obj.a is obj.b, list(obj.seen), obj.count,
-        dict(obj.d), obj.arr.tolist(), None if obj.big is None else list(obj.big),
+        type(obj),
+        obj.w,
+        list(obj.a),
+        list(obj.b),
+        obj.a is obj.b,
+        list(obj.seen),
+        obj.count,
+        dict(obj.d),
+        obj.arr.tolist(),
+        None if obj.big is None else list(obj.big),
     )
 
 
@@ -251,8 +267,13 @@ class OracleMachine(RuleBasedStateMachine):
         return self._class(kind)(w, a, b, dict(d), arr, list(range(1100)) if big else None)
 
     _obj_args: ClassVar[dict[str, Any]] = {
-        "kind": st.sampled_from(KINDS), "w": st.integers(1, 2), "a": st.lists(small, max_size=2),
-        "alias": st.booleans(), "d": st.dictionaries(small, small, max_size=2), "n": small, "big": st.booleans(),
+        "kind": st.sampled_from(KINDS),
+        "w": st.integers(1, 2),
+        "a": st.lists(small, max_size=2),
+        "alias": st.booleans(),
+        "d": st.dictionaries(small, small, max_size=2),
+        "n": small,
+        "big": st.booleans(),
     }
 
     @initialize(budget=st.integers(0, MAX_COSTLY))
@@ -372,7 +393,13 @@ class OracleMachine(RuleBasedStateMachine):
 
     # -- maps ------------------------------------------------------------------
 
-    @rule(obj=objs, method=st.sampled_from(PURE_METHODS), xs=items, batch_size=batch_sizes, via=st.sampled_from(["map", "imap"]))
+    @rule(
+        obj=objs,
+        method=st.sampled_from(PURE_METHODS),
+        xs=items,
+        batch_size=batch_sizes,
+        via=st.sampled_from(["map", "imap"]),
+    )
     def map_pure(self, obj: Any, method: str, xs: list[int], batch_size: Any, via: str) -> None:
         bound = getattr(obj, method)
         expected = [bound(x) for x in xs]
@@ -385,11 +412,23 @@ class OracleMachine(RuleBasedStateMachine):
         assert _snapshot(obj) == before, "a pure map changed the caller's object"
 
     # Maps are most of what matters: give them more weight than one rule each.
-    @rule(obj=objs, method=st.sampled_from(PURE_METHODS), xs=items, batch_size=batch_sizes, via=st.sampled_from(["map", "imap"]))
+    @rule(
+        obj=objs,
+        method=st.sampled_from(PURE_METHODS),
+        xs=items,
+        batch_size=batch_sizes,
+        via=st.sampled_from(["map", "imap"]),
+    )
     def map_pure_2(self, **kw: Any) -> None:
         self.map_pure(**kw)
 
-    @rule(obj=objs, method=st.sampled_from(PURE_METHODS), xs=items, batch_size=batch_sizes, via=st.sampled_from(["map", "imap"]))
+    @rule(
+        obj=objs,
+        method=st.sampled_from(PURE_METHODS),
+        xs=items,
+        batch_size=batch_sizes,
+        via=st.sampled_from(["map", "imap"]),
+    )
     def map_pure_3(self, **kw: Any) -> None:
         self.map_pure(**kw)
 
@@ -411,7 +450,10 @@ class OracleMachine(RuleBasedStateMachine):
             # Which of its worker's own earlier appends a later task sees is
             # unspecified; the first task of the call starts from the caller's state.
             n = len(xs)
-            special = {i: (lambda g, x=x: isinstance(g, tuple) and g[0] == x and seen0 <= g[1] < seen0 + n) for i, x in enumerate(xs)}
+            special = {
+                i: (lambda g, x=x: isinstance(g, tuple) and g[0] == x and seen0 <= g[1] < seen0 + n)
+                for i, x in enumerate(xs)
+            }
             _compare(what, xs, got, expected, special)
             assert min(g[1] for g in got) == seen0, f"{what}: no task started from the caller's state: {got}"
         else:
@@ -426,10 +468,17 @@ class OracleMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: _on("crash") and self.costly_budget > 0)
     @rule(
-        obj=objs, xs=unique_items, crash_at=st.lists(st.integers(0, 7), min_size=1, max_size=2, unique=True),
-        once=st.booleans(), on_error=st.sampled_from(["return", "raise"]), retries=st.integers(0, 2), batch_size=batch_sizes,
+        obj=objs,
+        xs=unique_items,
+        crash_at=st.lists(st.integers(0, 7), min_size=1, max_size=2, unique=True),
+        once=st.booleans(),
+        on_error=st.sampled_from(["return", "raise"]),
+        retries=st.integers(0, 2),
+        batch_size=batch_sizes,
     )
-    def map_crash(self, obj: Any, xs: list[int], crash_at: list[int], once: bool, on_error: str, retries: int, batch_size: Any) -> None:
+    def map_crash(
+        self, obj: Any, xs: list[int], crash_at: list[int], once: bool, on_error: str, retries: int, batch_size: Any
+    ) -> None:
         self.costly_budget -= 1
         crashers = frozenset(xs[i % len(xs)] for i in crash_at)
         bound = obj.crash
@@ -437,7 +486,9 @@ class OracleMachine(RuleBasedStateMachine):
         once_dir = self._fresh_dir() if once else None
         runs_dir = self._fresh_dir()
         what = f"{type(obj).__qualname__}.crash on {self.backend} (crash {'once' if once else 'always'} on {sorted(crashers)}, on_error={on_error!r}, retries={retries})"
-        call = bound.partial(crashers, once_dir, runs_dir).options(**self._opts(batch_size=batch_size, on_error=on_error, retries=retries))
+        call = bound.partial(crashers, once_dir, runs_dir).options(
+            **self._opts(batch_size=batch_size, on_error=on_error, retries=retries)
+        )
         recovers = once and retries >= 1
 
         def crashed_or_value(g: Any, e: Any) -> bool:
@@ -447,7 +498,11 @@ class OracleMachine(RuleBasedStateMachine):
 
         if on_error == "return":
             got = call.map(xs)
-            special = {} if recovers else {i: (lambda g, e=expected[i]: crashed_or_value(g, e)) for i, x in enumerate(xs) if x in crashers}
+            special = (
+                {}
+                if recovers
+                else {i: (lambda g, e=expected[i]: crashed_or_value(g, e)) for i, x in enumerate(xs) if x in crashers}
+            )
             _compare(what, xs, got, expected, special)
         elif recovers:
             got = call.map(xs)
@@ -482,9 +537,13 @@ class OracleMachine(RuleBasedStateMachine):
         sleepers = frozenset([xs[sleep_at % len(xs)]])
         bound = obj.nap
         expected = [bound(frozenset(), 0.0, x) for x in xs]
-        what = f"{type(obj).__qualname__}.nap on {self.backend} (sleep {SLEEP}s on {sorted(sleepers)}, timeout={TIMEOUT})"
+        what = (
+            f"{type(obj).__qualname__}.nap on {self.backend} (sleep {SLEEP}s on {sorted(sleepers)}, timeout={TIMEOUT})"
+        )
         t0 = time.monotonic()
-        got = bound.partial(sleepers, SLEEP).map(xs, **self._opts(batch_size=batch_size, timeout=TIMEOUT, on_error="return"))
+        got = bound.partial(sleepers, SLEEP).map(
+            xs, **self._opts(batch_size=batch_size, timeout=TIMEOUT, on_error="return")
+        )
         elapsed = time.monotonic() - t0
         special = {i: (lambda g: isinstance(g, TimeoutError)) for i, x in enumerate(xs) if x in sleepers}
         _compare(what, xs, got, expected, special)
@@ -543,7 +602,9 @@ def test_plain_loop_oracle_dask() -> None:
     contract leaves clusters to the docs), crashes and timeouts (process backends only
     here). Cluster workers stay warm across examples, so a failure may not replay."""
     distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, host="127.0.0.1")
+    cluster = distributed.LocalCluster(
+        n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None, host="127.0.0.1"
+    )
     client = distributed.Client(cluster)
     try:
         _run("dask")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -46,7 +47,9 @@ class _SimPool:
         self.prefetch = prefetch
         self.task_runs: dict[int, int] = {}  # item -> tasks that contained it and were handed to the pool
 
-    def run(self, chunks: list[tuple[int, list[Any]]], timeout: float | None) -> Iterator[tuple[int, list[Any], bool, bool]]:
+    def run(
+        self, chunks: list[tuple[int, list[Any]]], timeout: float | None
+    ) -> Iterator[tuple[int, list[Any], bool, bool]]:
         dispatched: set[int] = set()
         completed: set[int] = set()
 
@@ -76,7 +79,9 @@ class _Collector:
         pass
 
 
-def _simulate(n: int, chunk: int, prefetch: int, culprits: dict[int, int], on_error: str, retries: int) -> tuple[list[Any] | BaseException, dict[int, int]]:
+def _simulate(
+    n: int, chunk: int, prefetch: int, culprits: dict[int, int], on_error: str, retries: int
+) -> tuple[list[Any] | BaseException, dict[int, int]]:
     pool = _SimPool(culprits, prefetch)
     plan: Any = _Plan(_Opts(on_error, retries))
     out: list[Any] = [None] * n
@@ -199,7 +204,7 @@ def test_completed_items_never_run_again(tmp_path: Any) -> None:
     out = C.Crasher(d, delay=3.0).run.map(range(12), backend="loky", n_jobs=N, on_error="return", batch_size=1)
     assert isinstance(out[3], WorkerCrashedError)
     assert [v for i, v in enumerate(out) if i != 3] == [10 * i for i in range(12) if i != 3]
-    assert C.runs(d) == {i: 1 for i in range(12)}
+    assert C.runs(d) == dict.fromkeys(range(12), 1)
 
 
 @pytest.mark.timeout(120)
@@ -291,7 +296,9 @@ def test_imap_read_ahead_with_batch_size_and_timeout() -> None:
 
     for opts, bound in (({"batch_size": 5}, 2 * N * 5), ({"timeout": 30}, 2 * N)):
         produced = 0
-        ahead = [produced - k for k, _ in enumerate(ident.imap(source(), backend="threading", n_jobs=N, **opts), start=1)]
+        ahead = [
+            produced - k for k, _ in enumerate(ident.imap(source(), backend="threading", n_jobs=N, **opts), start=1)
+        ]
         assert max(ahead) <= bound, opts
 
 

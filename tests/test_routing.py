@@ -206,7 +206,9 @@ class SharedMemBackend(_Counting, SequentialBackend):  # type: ignore[misc]
     pass
 
 
-class CustomProcessBackend(joblib.ParallelBackendBase if hasattr(joblib, "ParallelBackendBase") else LokyBackend.__mro__[-2]):  # type: ignore[misc]
+class CustomProcessBackend(
+    joblib.ParallelBackendBase if hasattr(joblib, "ParallelBackendBase") else LokyBackend.__mro__[-2]
+):  # type: ignore[misc]
     """A process backend we cannot see into: no uses_threads, not joblib's pool."""
 
     supports_retrieve_callback = True

@@ -17,8 +17,7 @@ import types
 import joblib
 import pytest
 
-from parallelmethods import ParallelMethodsError, parallelizable
-from parallelmethods import _transport
+from parallelmethods import ParallelMethodsError, _transport, parallelizable
 from parallelmethods._transport import FILE_PREFIX
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,9 +87,8 @@ def test_nowhere_with_room_names_size_folders_and_fix(tmp_path: object, monkeypa
     """When the chosen folder has no room: a ParallelMethodsError with the size, the folder, the fix."""
     monkeypatch.setattr(_transport, "_free_bytes", lambda folder: 1000)
     h = Holder(50_000)
-    with joblib.parallel_config(temp_folder=str(tmp_path)):
-        with pytest.raises(ParallelMethodsError) as info:
-            h.at.map([1], backend="loky", n_jobs=2)
+    with joblib.parallel_config(temp_folder=str(tmp_path)), pytest.raises(ParallelMethodsError) as info:
+        h.at.map([1], backend="loky", n_jobs=2)
     msg = str(info.value)
     assert str(tmp_path) in msg and "(1.0 KB free)" in msg, msg
     assert "KB payload of self (Holder, for Holder.at)" in msg, msg
@@ -135,7 +133,7 @@ def _run_in_small_shm(tmp_path: object, body: str, mounts: str = "") -> subproce
     os.makedirs(tmpdir, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, *sys.path]), "TMPDIR": tmpdir}
     env.pop("JOBLIB_TEMP_FOLDER", None)
-    shell = f"mount -t tmpfs -o size=64m tmpfs /dev/shm && {mounts} exec \"$0\" \"$@\""
+    shell = f'mount -t tmpfs -o size=64m tmpfs /dev/shm && {mounts} exec "$0" "$@"'
     out = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, sys.executable, script, tmpdir],
         capture_output=True,
@@ -299,7 +297,9 @@ def test_where_it_runs_snippets_run(tmp_path: object) -> None:
         script = os.path.join(str(tmp_path), f"snippet{i}.py")
         with open(script, "w") as f:
             f.write(code)
-        out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path))
+        out = subprocess.run(
+            [sys.executable, script], capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path)
+        )
         assert out.returncode == 0, f"snippet {i} of {page} failed:\n{code}\n{out.stderr}"
         outputs.append(out.stdout)
     assert "[0, 2, 4, 6]" in outputs[0]
