@@ -380,3 +380,18 @@ def register_cloudpickle_reducer(cls: type, reducer: object) -> None:
         table = getattr(getattr(module, "Pickler", None), "dispatch_table", None)
         if table is not None:  # else caught by tests/test_compat.py
             table[cls] = reducer
+
+
+def is_executor_shutdown(err: BaseException) -> bool:
+    """Whether ``err`` says the loky executor was shut down under a running call.
+
+    Why: loky's reusable executor is shared by every call in the process. When
+    another call's timeout or abort shuts it down, loky fails this call's
+    pending futures with ``ShutdownExecutorError`` and joblib's LokyBackend
+    re-raises that as a bare ``RuntimeError("The executor underlying Parallel
+    has been shutdown...")`` (joblib 1.5 and 1.6), the loky error as its
+    ``__context__``. Such items did nothing wrong: they are run again.
+    """
+    from joblib.externals.loky.process_executor import ShutdownExecutorError
+
+    return isinstance(err, ShutdownExecutorError) or isinstance(err.__context__, ShutdownExecutorError)

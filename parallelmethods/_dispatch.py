@@ -68,7 +68,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from . import _orphan, _statecache
+from . import _orphan, _results, _statecache
 from ._serialize import dumps_value, loads_value
 from .errors import ParallelMethodsError, SerializationError
 
@@ -193,7 +193,12 @@ def _load_file(handle: FileHandle) -> Any:
         size = os.fstat(f.fileno()).st_size
         # Why mmap: buffers handed to pickle.loads stay views on the mapped
         # file, so a 200 MB array is shared by every worker, not copied.
-        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
+        # Why ACCESS_COPY (a private, copy-on-write mapping): arrays are then
+        # writable, as in the loop (ctypes from_buffer and Cython memoryviews
+        # need that even to read); a page is copied only when a worker writes
+        # to it, and what it writes stays in that worker's copy, which the
+        # state cache then sees as changed (_statecache).
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) if size else None
     view = memoryview(mm) if mm is not None else memoryview(b"")
     return _load_view(view, handle.main_len, handle.buffer_lens)
 
@@ -282,9 +287,7 @@ def _subject_of(handle: Any, blob: Any, ctx: CallContext) -> tuple[Any, str, boo
         if handle.pid != os.getpid():
             return _prepare_fork_copy(handle, subject), "", False
         return subject, "", False
-    subject, cached = _statecache.acquire(
-        handle.key, ctx.call, handle.lineage, ctx.exclude, lambda: _rebuild(handle, blob)
-    )
+    subject, cached = _statecache.acquire(handle.key, ctx.call, handle.lineage, lambda: _rebuild(handle, blob))
     return subject, handle.key, cached
 
 
@@ -406,19 +409,20 @@ def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool, 
     except BaseException as failure:  # noqa: BLE001 - every item of the chunk gets the named error
         err = _rebuild_error(ctx, failure)
         count = len(items) if on_error == "return" else 1
-        return _pack((first, [_capture(first + i, err, serialized) for i in range(count)], False, True), serialized)
+        out = (first, [_capture(first + i, err, serialized) for i in range(count)], False, True)
+        return _pack(out, serialized, handle, ctx)
     try:
-        return _pack(_run_items(subject, spec, first, items, serialized), serialized)
+        return _pack(_run_items(subject, spec, first, items, serialized), serialized, handle, ctx)
     finally:
         _statecache.release(key, cached)
 
 
 def _run_items(subject: Any, spec: Any, first: int, items: Any, serialized: bool) -> tuple[int, list[Any], bool, bool]:
-    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations, ctx, star = spec
+    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations, _ctx, star = spec
     fn, lead = resolve_call(subject, kind, name, mro_index)
     if fixed_args or lead:
         lead = (*lead, *fixed_args)
-    before = _statecache.state_fingerprint(subject, ctx.exclude) if check_mutations else ""
+    before = _statecache.state_fingerprint(subject) if check_mutations else ""
     results: list[Any] = []
     append = results.append
     had_error = False
@@ -439,18 +443,20 @@ def _run_items(subject: Any, spec: Any, first: int, items: Any, serialized: bool
             if on_error == "raise":
                 break
         index += 1
-    mutated = bool(check_mutations) and _statecache.state_fingerprint(subject, ctx.exclude) != before
+    mutated = bool(check_mutations) and _statecache.state_fingerprint(subject) != before
     return first, results, mutated, had_error
 
 
-def _pack(out: tuple[int, list[Any], bool, bool], serialized: bool) -> Any:
+def _pack(out: tuple[int, list[Any], bool, bool], serialized: bool, handle: Any = None, ctx: Any = None) -> Any:
     if not serialized:
         return out
     try:
-        return dumps_value(out)
+        # Large buffers (numpy arrays) leave in files on local process routes (_results).
+        return _results.pack(out, handle, ctx)
     except Exception:  # noqa: BLE001 - find which result cannot travel
         first, results, mutated, _ = out
-        return dumps_value((first, [_result_or_error(first + i, r) for i, r in enumerate(results)], mutated, True))
+        safe = (first, [_result_or_error(first + i, r) for i, r in enumerate(results)], mutated, True)
+        return _results.pack(safe, handle, ctx)
 
 
 def _result_or_error(index: int, result: Any) -> Any:

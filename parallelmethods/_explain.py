@@ -30,7 +30,7 @@ _ROUTES = {
     "reference": "by reference: workers share this object (threads or your own process); nothing is copied",
     "fork": "fork inheritance: workers are forked after the object is registered and read it copy-on-write; never pickled",
     "file": "serialized once per map call into a payload file (/dev/shm when it has room, else joblib's temp folder); each worker unpickles it at most once per distinct state (numpy buffers are memory-mapped, not copied)",
-    "cluster": "serialized once per map call and scattered to the cluster once; each dask worker unpickles it at most once per distinct state",
+    "cluster": "serialized once per map call and shipped to the cluster once (dask: scattered to every worker; Ray: put in the object store); each worker process unpickles it at most once per distinct state",
     "inline": "serialized once per map call and sent as bytes inside every task (no shared file or fork assumed); each worker unpickles it at most once per distinct state",
 }
 
@@ -323,8 +323,10 @@ def _failed_alone(value: Any) -> bool:
 
 def _rebuild_failure(payload: Payload) -> BaseException | None:
     """Unpickle ``payload`` exactly as a worker does (main stream plus
-    out-of-band buffers, read-only like the worker's mapped file), without
-    ``__parallel_init__``; what that raised, or None.
+    out-of-band buffers), without ``__parallel_init__``; what that raised,
+    or None. The buffers are views of your own arrays: read-only here, so
+    that nothing written while rebuilding reaches them (a worker's mapping
+    is a private copy instead).
 
     Cost: one extra load of ``self`` in this process, dropped at once.
     """

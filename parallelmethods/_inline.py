@@ -1,9 +1,10 @@
 """The inline route: ``self`` as bytes inside every task's arguments.
 
 For backends whose workers may not share our file system or our process
-tree, and that offer no scatter/object-store API through joblib: Ray's
-``RayBackend``, a user's ``MultiprocessingBackend`` subclass, any other
-registered process backend we cannot see into (_plan's table).
+tree, and that offer no scatter/object-store API through joblib: a user's
+``MultiprocessingBackend`` subclass, any other registered process backend
+we cannot see into (_plan's table). Not dask nor Ray: they take the
+"cluster" route (_dask, _ray), which ships ``self`` once per map.
 
 Cost: the payload travels once per chunk (the runner cuts about 4 chunks per
 worker), not once per map as on the file and cluster routes; each worker
@@ -16,7 +17,8 @@ _statecache, keyed as on the other routes). Fine for a small or medium
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ._dispatch import InlineHandle
 
@@ -41,5 +43,7 @@ def inline_payload(plan: Plan) -> Iterator[tuple[InlineHandle, bytes]]:
     key = state_key(plan.subject, fingerprint(plan.subject, rv))
     payload = serialize_subject(plan, rv, key)
     blob = b"".join([payload.main, *(bytes(b) for b in payload.buffers)])
-    handle = InlineHandle(payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers), lineage_of(plan.subject))
+    handle = InlineHandle(
+        payload.digest, len(payload.main), tuple(b.nbytes for b in payload.buffers), lineage_of(plan.subject)
+    )
     yield handle, blob

@@ -182,6 +182,11 @@ def _validate(opts: Options) -> None:
         if backend not in known:
             close = _did_you_mean(backend, known)
             hint = f"did you mean {close!r}? " if close else ""
+            if backend == "ray":  # joblib knows Ray only once Ray registers itself
+                hint = (
+                    "Ray registers it with joblib: `from ray.util.joblib import register_ray; register_ray()` "
+                    "(pip install 'parallelmethods[ray]'), then connect with ray.init(). "
+                )
             msg = (
                 f"backend={backend!r} is not a known joblib backend; {hint}expected one of "
                 f"{', '.join(map(repr, known))}, or a name registered with "

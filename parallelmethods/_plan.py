@@ -12,25 +12,40 @@ backend                                      route      why
 workers are threads or share memory          reference  same process: share self, copy nothing
 (``uses_threads``/``supports_sharedmem``:
 threading, sequential, user thread
-backends), or 1 worker (joblib then runs
-the tasks in the caller)
+backends), or 1 local worker (joblib then
+runs the tasks in the caller)
 joblib's own MultiprocessingBackend          fork       our watched subclass forks after self is
 (exact type), fork start method                         registered: inherited, never pickled
 the same, any other start method             file       fresh local processes: pickle once, map a file
 (forkserver: Python 3.14's default; spawn)
 joblib's own LokyBackend and subclasses      file       loky's local reusable workers: pickle once,
 of LokyBackend                                          cache by state
-dask (``DaskDistributedBackend``)            cluster    other machines: bytes, scattered once
-Ray and other remote backends (a class       inline     other machines: bytes inside every task
-from ``ray``/``dask``/``distributed``),                 (no shared file system, no scatter API)
+dask (``DaskDistributedBackend``)            cluster    other machines: bytes scattered once per map
+                                                        (_dask), whatever the cluster's size
+Ray (``RayBackend``, ``register_ray()``)     cluster    other machines: bytes put in Ray's object store
+                                                        once per map, chunks run as Ray tasks (_ray)
+other remote backends (a class from          inline     other machines: bytes inside every task
+``ray``/``dask``/``distributed``),                      (no shared file system, no scatter API)
 a user's MultiprocessingBackend subclass,
 any other process backend
 ===========================================  =========  ==============================================
 
-Only joblib's own ``MultiprocessingBackend`` is swapped for our
-:class:`~parallelmethods._mpwatch.WatchedMultiprocessingBackend` (joblib's
-documented extension point: the same pool, plus a dead-worker watchdog);
-any other backend instance, a user's subclass included, is used as given.
+Three backends are swapped for ours, always on joblib's documented
+extension point (a backend class) and with the user's settings: joblib's
+own ``MultiprocessingBackend`` (exact type) for
+:class:`~parallelmethods._mpwatch.WatchedMultiprocessingBackend` (the same
+pool, plus a dead-worker watchdog); dask's ``DaskDistributedBackend`` for
+a subclass of it (:func:`parallelmethods._dask.cluster_backend`: same
+client, ``submit`` arguments and ``scatter=`` data; never fewer than 2 jobs,
+so joblib never runs a task in the caller; lost scattered bytes re-sent;
+``KilledWorker`` delivered instead of a hang); Ray's ``RayBackend`` for
+:class:`~parallelmethods._ray.RayTaskBackend` (same ``ray_remote_args``;
+Ray tasks on Ray's long-lived workers instead of a new actor pool per
+call). Any other backend instance, a user's subclass included, is used as
+given. A cluster backend is routed "cluster" before anything else: its
+tasks run on the cluster even with one worker or ``n_jobs=1``
+(``backend="dask"`` means the cluster, always: the API's "never in the
+caller's process").
 A subclass of MultiprocessingBackend gets the bytes ("inline") route, not
 the fork route: fork inheritance only holds for the pool we create; a
 subclass of LokyBackend keeps loky's local workers, which share our file
@@ -39,8 +54,8 @@ system, so it gets the file route.
 The "inline" route sends the payload in every task's arguments: one copy per
 chunk (about 4 per worker per map), each worker unpickles it at most once
 per distinct state. That is acceptable for the generic remote backend (no
-scatter or object store to use through joblib's API); dask has its own
-scatter-once route.
+scatter or object store to use through joblib's API); dask and Ray have
+their own ship-once route ("cluster").
 """
 
 from __future__ import annotations
@@ -57,6 +72,7 @@ from . import _compat, _dispatch
 from ._compat import LokyBackend, MultiprocessingBackend, SequentialBackend
 from ._mpwatch import WatchedMultiprocessingBackend
 from ._options import Options, Resolved, resolve
+from ._ray import is_ray_backend
 
 if TYPE_CHECKING:
     from ._descriptor import BoundParallelMethod
@@ -106,12 +122,14 @@ def route_for(backend: Any, effective_n_jobs: int) -> tuple[str, str]:
     ``backend`` is the instance that will run (joblib's MultiprocessingBackend
     already swapped for the watched one by :func:`_own_backend`).
     """
+    if _compat.is_dask_backend(backend) or is_ray_backend(backend):
+        # Before the n_jobs == 1 rule: our cluster backends never report 1
+        # job, so joblib never runs their tasks in the caller.
+        return "cluster", "remote"
     if isinstance(backend, SequentialBackend) or effective_n_jobs == 1:
         return "reference", "caller"  # joblib runs n_jobs=1 in the caller itself
     if _uses_threads(backend):
         return "reference", "threads"
-    if _compat.is_dask_backend(backend):
-        return "cluster", "remote"
     if _compat.is_remote_backend(backend):
         return "inline", "remote"
     if type(backend) is WatchedMultiprocessingBackend:
@@ -125,8 +143,19 @@ def route_for(backend: Any, effective_n_jobs: int) -> tuple[str, str]:
     return "inline", "remote"  # unknown: assume nothing about where it runs
 
 
-def _own_backend(backend: Any) -> Any:
-    """joblib's own MultiprocessingBackend becomes our watched one; anything else is kept."""
+def _own_backend(backend: Any, opts: Resolved | None = None) -> Any:
+    """joblib's own MultiprocessingBackend becomes our watched one, dask's and Ray's our
+    cluster ones (same cluster, same settings); anything else is kept."""
+    if _compat.is_dask_backend(backend):
+        from ._dask import cluster_backend
+
+        return cluster_backend(backend)
+    if is_ray_backend(backend):
+        from ._ray import RayTaskBackend
+
+        # With timeout=, a task past the limit is cancelled with force=True
+        # (its worker process is killed; Ray starts another).
+        return RayTaskBackend.from_backend(backend, force_cancel=opts is not None and opts.timeout is not None)
     if type(backend) is MultiprocessingBackend:
         # joblib's pool waits forever on a task whose worker died; ours watches.
         return WatchedMultiprocessingBackend(**_compat.backend_init_kwargs(backend))
@@ -191,9 +220,9 @@ def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options, star: bool = 
     # Our default is all cores (-1); joblib's own "unset" means 1. An enclosing
     # parallel_config(n_jobs=...) still wins over that default.
     n_jobs: int = opts.n_jobs if opts.n_jobs is not None else (config_n_jobs if config_n_jobs is not None else -1)
-    backend = _own_backend(backend)
+    backend_name = _backend_name(backend)  # the name the user chose ("dask", "ray"), before ours replaces it
+    backend = _own_backend(backend, opts)
     effective = backend.effective_n_jobs(n_jobs)
-    backend_name = _backend_name(backend)
     route, workers = route_for(backend, effective)
 
     if opts.timeout is not None and workers == "caller":
@@ -220,7 +249,21 @@ def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options, star: bool = 
         label, exclude = bound._func.__qualname__, ()
     else:
         label, exclude = f"{subject.__qualname__}.{name}", ()
-    plan = Plan(opts, backend, backend_name, n_jobs, effective, route, subject, kind, name, mro_index, label, exclude, workers=workers)
+    plan = Plan(
+        opts,
+        backend,
+        backend_name,
+        n_jobs,
+        effective,
+        route,
+        subject,
+        kind,
+        name,
+        mro_index,
+        label,
+        exclude,
+        workers=workers,
+    )
     owner = type(subject).__qualname__ if kind == "method" else label
     # Local process workers follow the caller's cwd and sys.path (the loop's
     # view); threads share them already; a cluster's workers keep their own
@@ -236,5 +279,3 @@ def _cwd() -> str:
         return os.getcwd()
     except OSError:  # the caller's folder was removed: nothing to follow
         return ""
-
-

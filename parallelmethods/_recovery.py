@@ -26,6 +26,12 @@ but whose result had not reached the caller is *lost* (we cannot tell which
 of them were running, nor which item killed the worker). Then:
 
 - a chunk never handed to the pool goes back to PENDING as it was;
+- another call in this process stopped loky's shared executor under this one
+  (its timeout or its error aborts it): every running unit goes back to
+  PENDING with no loss and runs again, at most :data:`MAX_STOPPED` times.
+  (A worker *crash* in another call breaks the shared pool too, and cannot
+  be told from one of ours: it is a loss like any other, which ``retries=``
+  recovers);
 - several items lost together (an *ambiguous* loss): each becomes its own
   unit, marked *alone*, back to PENDING. Units marked alone run one at a
   time, one item per task, with nothing else in the pool, so a later loss
@@ -73,7 +79,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._compat import add_note, loky_pool_errors
+from ._compat import add_note, is_executor_shutdown, loky_pool_errors
 from ._mpwatch import WorkerDied
 from .errors import ParallelMethodsError, WorkerCrashedError
 
@@ -82,6 +88,10 @@ if TYPE_CHECKING:
     from ._runner import _Collector, _Executor
 
 __all__ = ["PoolFailure", "Recovery", "State", "is_pool_failure", "map_pool_error"]
+
+
+#: How often a map re-runs its items after other calls stopped the shared pool.
+MAX_STOPPED = 5
 
 
 class State(enum.Enum):
@@ -99,6 +109,7 @@ class Event(enum.Enum):
     SENT = "sent"  # put in the run about to start
     RESULT = "result"  # its chunk's results reached the caller
     UNSENT = "unsent"  # the run failed before the pool took the chunk
+    STOPPED = "stopped"  # another call in this process stopped the shared pool under it
     LOST_WITH_OTHERS = "lost with others"  # the run failed with several items in flight
     LOST_ALONE = "lost alone"  # the run failed with this one item in flight
 
@@ -123,8 +134,10 @@ class PoolFailure(Exception):
 
 
 def is_pool_failure(err: BaseException) -> bool:
-    """A dead worker or a timeout, on any backend (as opposed to a method's error)."""
+    """A dead worker, a timeout, or a pool stopped by another call (as opposed to a method's error)."""
     if isinstance(err, (TimeoutError, multiprocessing.TimeoutError, WorkerDied, *loky_pool_errors())):
+        return True
+    if is_executor_shutdown(err):
         return True
     # dask retries a task whose worker died (distributed.scheduler.allowed-failures),
     # then raises KilledWorker; data lost with the worker cancels its dependents.
@@ -160,23 +173,41 @@ def describe_items(items: list[int]) -> str:
 def map_pool_error(plan: Plan, err: BaseException, in_flight: list[int]) -> BaseException:
     """The error the user sees for a pool failure: WorkerCrashedError or TimeoutError."""
     if isinstance(err, (TimeoutError, multiprocessing.TimeoutError)):
-        msg = (
-            f"{plan.label} took longer than timeout={plan.opts.timeout}s on an item "
-            f"(in flight: {describe_items(in_flight)}). "
-            + (
-                "Process workers were stopped and replaced."
-                if plan.route != "reference"
-                else "The thread cannot be stopped and finishes in the background."
-            )
-        )
+        if plan.route == "cluster":
+            from ._ray import is_ray_backend
+
+            if is_ray_backend(plan.backend):
+                after = "Its Ray task was cancelled with ray.cancel(force=True), which killed the worker process running it; Ray starts a new one when needed."
+            else:
+                after = (
+                    "dask cannot stop a running task: it keeps its worker thread until the method returns "
+                    "(its result is discarded); the map's tasks that had not started were cancelled."
+                )
+        elif plan.route == "reference":
+            after = "The thread cannot be stopped and finishes in the background."
+        else:
+            after = "Process workers were stopped and replaced."
+        msg = f"{plan.label} took longer than timeout={plan.opts.timeout}s on an item (in flight: {describe_items(in_flight)}). {after}"
         return TimeoutError(msg)
     if is_pool_failure(err):
         codes = _exit_codes(err)
         how = ", ".join(_signal_name(c) for c in codes) if codes else "unknown exit status"
+        restart = "The pool was restarted; the next map works."
+        if plan.workers == "remote":
+            # A cluster reports no exit code; its own words say which worker and how.
+            said = str(err).strip().splitlines()
+            if type(err).__name__ == "FutureCancelledError":
+                how = "dask cancelled the task: the worker running it, or holding its input, died"
+            else:
+                how = f"{type(err).__name__}: {said[0]}" if said else type(err).__name__
+            restart = (
+                "The cluster replaces dead workers (dask's nanny, Ray's raylet) and self is sent again if the "
+                "cluster lost it; the next map works."
+            )
         msg = (
             f"a worker process died while running {plan.label} ({how}). Likely causes: "
             "os._exit() or sys.exit() in the method, a segfault in native code, or the OOM killer. "
-            f"Items in flight: {describe_items(in_flight)}. The pool was restarted; the next map works. "
+            f"Items in flight: {describe_items(in_flight)}. {restart} "
             "Use on_error='return' or retries=N to keep the other results."
         )
         return WorkerCrashedError(msg, method=plan.label, exitcodes=codes, items=tuple(sorted(in_flight)))
@@ -224,6 +255,7 @@ class Recovery:
             start + i: _Unit(start + i, items[i : i + chunk_size]) for i in range(0, len(items), chunk_size)
         }
         self.recover = plan.opts.on_error == "return" or plan.opts.retries > 0
+        self.stopped = 0  # times another call stopped the shared pool under this one
 
     # -- the only place where a unit changes state ---------------------------
     def _move(self, unit: _Unit, event: Event) -> None:
@@ -236,6 +268,10 @@ class Recovery:
                 unit.state = State.DONE
             case State.RUNNING, Event.UNSENT:
                 # The run failed before the pool took it: it did not run, no loss.
+                unit.state = State.PENDING
+            case State.RUNNING, Event.STOPPED:
+                # Another call's timeout or abort stopped loky's shared executor:
+                # not this item's doing, no loss; it runs again.
                 unit.state = State.PENDING
             case State.RUNNING, Event.LOST_WITH_OTHERS:
                 # Ambiguous loss: split into single items that each run alone;
@@ -294,6 +330,17 @@ class Recovery:
 
     def _after_failure(self, run: list[_Unit], failure: PoolFailure) -> Iterator[tuple[int, list[Any]]]:
         running = [u for u in run if u.state is State.RUNNING]
+        if is_executor_shutdown(failure.error):
+            self.stopped += 1
+            if self.stopped > MAX_STOPPED:
+                msg = (
+                    f"{self.plan.label}: the shared loky executor was shut down under this map "
+                    f"{self.stopped} times by other calls in this process (their timeouts or errors); giving up"
+                )
+                raise ParallelMethodsError(msg) from failure.error
+            for unit in running:
+                self._move(unit, Event.STOPPED)
+            return
         lost = [u for u in running if u.first in failure.dispatched]
         in_flight = [u.first + i for u in lost for i in range(len(u.items))]
         if not self.recover:

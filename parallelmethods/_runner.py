@@ -44,12 +44,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from joblib import Parallel, delayed
 
+from . import _results
 from ._compat import add_note
 from ._dispatch import RemoteError, run_chunk
 from ._options import Options, check_timeout_per_item
 from ._plan import Plan, plan_for
 from ._recovery import PoolFailure, Recovery, internal_error, is_pool_failure
-from ._serialize import dumps_value, loads_value, serialization_error
+from ._serialize import dumps_value, serialization_error
 from ._transport import Shipment, shipped
 from .errors import ParallelMethodsError
 
@@ -149,16 +150,22 @@ class _Executor:
             raise
         except Exception as e:
             if is_pool_failure(e):
+                # loky keeps the error that broke its executor (executor_flags)
+                # until the next one starts; its traceback would keep these
+                # frames, this call's plan and so `self` alive until then.
+                e.__traceback__ = None
                 raise PoolFailure(e, dispatched, completed) from e
             raise
         finally:
             _stop_outputs(outputs, started_in)
+            if dispatched - completed and self.serialized:  # results files of chunks nobody read
+                _results.sweep(plan.spec[7].call, _results_folders(self.handle))
 
     def _decode(self, out: Any) -> tuple[int, list[Any], bool, bool]:
         if not self.serialized:
             return out  # type: ignore[no-any-return]
         try:
-            return loads_value(out)  # type: ignore[no-any-return]
+            return _results.load(out)  # type: ignore[no-any-return]
         except Exception as e:
             msg = (
                 f"the results of {self.plan.label} could not be rebuilt in the caller "
@@ -166,6 +173,11 @@ class _Executor:
                 "Return plain data, or use backend='threading'."
             )
             raise ParallelMethodsError(msg) from e
+
+
+def _results_folders(handle: Any) -> list[str]:
+    path = getattr(handle, "path", None)
+    return [os.path.dirname(path)] if isinstance(path, str) else []
 
 
 class _StopEarly(Exception):

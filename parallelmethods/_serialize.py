@@ -19,7 +19,7 @@ object's state by ``reducer_override`` (the user's class is never given a
 
 Large buffers (numpy arrays, ``PickleBuffer``) travel out of band (PEP 574):
 they are not copied into the pickle stream, and the worker maps them
-read-only from the payload file instead of copying them.
+from the payload file (privately, copy-on-write) instead of copying them.
 
 On the local file route, a large attribute that is plain data (nested
 dicts, lists, tuples, sets of str/int/float/...; shared with nothing else)
@@ -349,14 +349,16 @@ def fingerprint(obj: Any, root_rv: Any) -> str:
       notebooks, ``<locals>``, cloudpickle's by-value registry) enter as a
       digest of their cloudpickle bytes, which hold their methods, class
       attributes and the globals the methods use.
-    * sharing: which top-level attributes are the same object
-      (``self.b is self.a``). Memo-less bytes cannot see sharing at all.
+    * sharing: which attributes, and which of their direct children, are
+      the same object (``self.b is self.a``, ``self.b is self.a[0]``; see
+      :func:`_sharing`). Memo-less bytes cannot see sharing at all.
 
     Never raises. A part that fast mode refuses (a cycle) is hashed with the
     memo; a part nothing can pickle (a worker-made lock or connection)
-    enters by type and identity. Not seen: a change in sharing *below* the
-    top level alone (``self.cfg['a'] = self.cfg['b']`` when both were equal
-    already), which leaves every byte the same (docs/state.md).
+    enters by type and identity. Not seen: a change in sharing deeper than
+    that alone (``self.cfg['a'][0] = self.cfg['b'][0]`` when both were equal
+    already), which leaves every byte the same, and state that a nested
+    object's ``__getstate__`` leaves out (docs/state.md).
     """
     code: dict[int, str] = {}
     h = hashlib.sha256()
@@ -383,12 +385,52 @@ def fingerprint(obj: Any, root_rv: Any) -> str:
             else:
                 h.update(f"<unpicklable {type(value).__module__}.{type(value).__qualname__} at {id(value)}>".encode())
     if parts is not None:
-        first: dict[int, int] = {}
-        for i, (_, value) in enumerate(parts):
-            j = first.setdefault(id(value), i)
-            if j != i:
-                h.update(f"<{i} is {j}>".encode())
+        h.update(_sharing(parts))
     return h.hexdigest()[:32]
+
+
+_ATOMS = (int, float, complex, str, bytes, bool, type(None))
+#: Containers larger than this are not looked into for sharing (cost).
+SHARING_SCAN_LIMIT = 256
+
+
+def _sharing(parts: list[tuple[str, Any]]) -> bytes:
+    """Which of the attributes, and of their direct children, are the same object.
+
+    Two levels: ``self.b is self.a`` and ``self.b is self.a[0]`` (or
+    ``self.cfg['x'] is self.cfg['y']``, ``self.b is self.inner.x``) are
+    seen; deeper sharing is not. Children are looked at in containers and
+    objects of at most :data:`SHARING_SCAN_LIMIT` entries; immutable atoms
+    (numbers, strings) are skipped.
+    """
+    first: dict[int, str] = {}
+    out: list[str] = []
+
+    def see(path: str, value: Any) -> None:
+        seen = first.setdefault(id(value), path)
+        if seen != path:
+            out.append(f"<{path} is {seen}>")
+
+    for i, (_, value) in enumerate(parts):
+        see(str(i), value)
+    for i, (_, value) in enumerate(parts):
+        for j, child in enumerate(_small_children(value)):
+            if not isinstance(child, _ATOMS):
+                see(f"{i}.{j}", child)
+    return "".join(out).encode()
+
+
+def _small_children(value: Any) -> Any:
+    if isinstance(value, (_ATOMS, type, types.FunctionType)):
+        return ()
+    if isinstance(value, (list, tuple)):
+        return value if len(value) <= SHARING_SCAN_LIMIT else ()
+    if isinstance(value, dict):
+        return value.values() if len(value) <= SHARING_SCAN_LIMIT else ()
+    attrs = getattr(value, "__dict__", None)
+    if isinstance(attrs, dict) and len(attrs) <= SHARING_SCAN_LIMIT:
+        return attrs.values()
+    return ()
 
 
 def dumps_value(value: Any) -> bytes:
@@ -515,8 +557,17 @@ def serialization_error(
     obj_type = _type_name(culprit)
     subject = f"{owner_name or _type_name(obj)}" if what == "self" else what
     fix = describe_path_fix(path, what=what, owner_name=owner_name)
+    if obj_type.startswith("sqlite3."):
+        # sqlite refuses a connection used from another thread unless told otherwise.
+        fix = fix.replace(
+            "backend='threading'", "backend='threading' with sqlite3.connect(..., check_same_thread=False)"
+        )
+    if path == what and what != "self":  # an argument, named already: do not say it twice
+        described = f"it ({obj_type}) is"
+    else:
+        described = f"{path} ({obj_type}) is"
     msg = (
-        f"cannot send {subject} to worker processes: {path} ({obj_type}) is not picklable, "
+        f"cannot send {subject} to worker processes: {described} not picklable, "
         f"even with cloudpickle ({type(cause).__name__}: {cause}). Fix: {fix}."
     )
     return SerializationError(msg, path=path, obj_type=obj_type, cause=cause)

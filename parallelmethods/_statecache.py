@@ -58,7 +58,6 @@ CACHE_SIZE = 4
 class _Entry:
     subject: Any
     baseline: str  # fingerprint right after rebuilding
-    exclude: tuple[str, ...]
     call: str = ""  # the call that last used it ("" = never used)
     active: int = 0  # chunks running on it now
     held: int = 0  # bytes of RSS it added when loaded
@@ -72,8 +71,13 @@ _LINEAGE: dict[str, str] = {}
 _LOCK = threading.RLock()
 
 
-def state_fingerprint(subject: Any, exclude: tuple[str, ...]) -> str:
-    """The fingerprint of a worker's copy, without its excluded attributes.
+def state_fingerprint(subject: Any) -> str:
+    """The fingerprint of a worker's copy, excluded attributes included.
+
+    Why excluded ones too: ``__parallel_init__`` rebuilt them in this copy,
+    and a method that closes or replaces one (``self.conn = None``) changes
+    what the next call would see; such values (connections, locks) enter by
+    identity, as nothing can pickle them.
 
     Why not ``__reduce_ex__``: checking a copy is not shipping it, and the
     user's ``__getstate__``/``__reduce__`` must run once per map, in the
@@ -85,27 +89,20 @@ def state_fingerprint(subject: Any, exclude: tuple[str, ...]) -> str:
     if isinstance(subject, (type, types.FunctionType)):
         return fingerprint(subject, None)
     cls = type(subject)
-    names = [
-        n
-        for k in cls.__mro__
-        for n in (
-            k.__dict__.get("__slots__", ())
-            if isinstance(k.__dict__.get("__slots__", ()), (tuple, list))
-            else (k.__dict__["__slots__"],)
-        )
-    ]
+    names = [n for k in cls.__mro__ for n in _slot_names(k)]
     has_dict = hasattr(subject, "__dict__")
     if not has_dict and not names and not isinstance(subject, (list, dict)):
-        return fingerprint(subject, root_reduce(subject, exclude))
-    state = {k: v for k, v in (vars(subject) if has_dict else {}).items() if k not in exclude}
-    slots = {
-        n: getattr(subject, n)
-        for n in names
-        if n not in exclude and n not in ("__dict__", "__weakref__") and hasattr(subject, n)
-    }
+        return fingerprint(subject, root_reduce(subject))
+    state = dict(vars(subject)) if has_dict else {}
+    slots = {n: getattr(subject, n) for n in names if n not in ("__dict__", "__weakref__") and hasattr(subject, n)}
     items = list(subject) if isinstance(subject, list) else None
     pairs = list(subject.items()) if isinstance(subject, dict) else None
     return fingerprint(subject, (_copy_of, (cls,), (state, slots), items, pairs))
+
+
+def _slot_names(klass: type) -> tuple[str, ...]:
+    slots = klass.__dict__.get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
 
 
 def _copy_of(cls: type) -> None:  # pragma: no cover - never called
@@ -118,7 +115,7 @@ def cache_info() -> dict[str, Any]:
         return {"size": len(_CACHE), "max": CACHE_SIZE, "digests": list(_CACHE)}
 
 
-def acquire(key: str, call: str, lineage: str, exclude: tuple[str, ...], load: Callable[[], Any]) -> tuple[Any, bool]:
+def acquire(key: str, call: str, lineage: str, load: Callable[[], Any]) -> tuple[Any, bool]:
     """``(subject, cached)`` for one chunk of ``call``; pair with :func:`release`.
 
     ``load`` rebuilds the subject from the payload (and runs
@@ -135,13 +132,13 @@ def acquire(key: str, call: str, lineage: str, exclude: tuple[str, ...], load: C
                 # Another call is running on this copy right now (threads
                 # of a dask worker): it may be changing it. Private copy.
                 return load(), False
-            if state_fingerprint(entry.subject, exclude) == entry.baseline:
+            if state_fingerprint(entry.subject) == entry.baseline:
                 return _use(key, entry, call), True  # a new call, copy verified unchanged
             _drop(key)  # a method changed it: rebuild from the payload
         _forget_superseded(lineage, key)
         rss_before = _rss()
         subject = load()
-        entry = _Entry(subject, state_fingerprint(subject, exclude), exclude, held=max(0, _rss() - rss_before))
+        entry = _Entry(subject, state_fingerprint(subject), held=max(0, _rss() - rss_before))
         _CACHE[key] = entry
         if lineage:
             _LINEAGE[lineage] = key

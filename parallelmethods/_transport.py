@@ -10,7 +10,7 @@
   fingerprint (:func:`~parallelmethods._serialize.fingerprint`: content,
   top-level sharing, by-value code) tells that nothing changed, and warm
   workers already hold that state (they check their copy: _statecache).
-* ``cluster`` (dask): the payload bytes scattered once per call.
+* ``cluster`` (dask, Ray): the payload shipped to the cluster once per call.
 
 Every payload carries a state-cache key made of the object's identity and
 its fingerprint (:func:`state_key`): workers never serve one object's copy
@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import tempfile
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -203,7 +204,55 @@ def _size(n: int) -> str:
     return f"{value:.1f} TB"  # pragma: no cover - unreachable
 
 
+_SWEPT: set[str] = set()
+#: Files of a dead process younger than this are left alone (a moment's grace).
+SWEEP_AGE_SECONDS = 60
+
+
+def _sweep_orphans(folder: str) -> None:
+    """Once per folder and process: remove payload files whose process is gone.
+
+    Why: a caller killed together with its workers and loky's resource
+    tracker (``kill -9`` of the whole process group, an OOM kill of the
+    container's main group) leaves no one to remove its files, and /dev/shm
+    is memory. Only files named ``parallelmethods-<pid>-...`` whose pid no
+    longer runs here, and older than :data:`SWEEP_AGE_SECONDS`, are removed.
+    (Processes in another pid namespace that share this /dev/shm, as with
+    ``docker --ipc=host``, are not visible here: they should use their own
+    ``JOBLIB_TEMP_FOLDER``.)
+    """
+    if folder in _SWEPT:
+        return
+    _SWEPT.add(folder)
+    now = time.time()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(FILE_PREFIX):
+            continue
+        pid_text = name[len(FILE_PREFIX) :].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            if now - os.stat(path).st_mtime > SWEEP_AGE_SECONDS:
+                os.unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, as another user
+        return True
+    return True
+
+
 def _write_in(folder: str, payload: Payload, size: int) -> str:
+    _sweep_orphans(folder)
     fd, path = tempfile.mkstemp(prefix=f"{FILE_PREFIX}{os.getpid()}-", suffix=".pkl", dir=folder)
     # Why the resource tracker: if this process is killed (SIGKILL, SIGTERM,
     # the OOM killer), atexit never runs; loky's tracker process, which

@@ -132,3 +132,23 @@ class ImportsLater:
     @parallelizable
     def f(self, x: int) -> int:
         return x
+
+
+class Slow:
+    def __init__(self, w: int) -> None:
+        self.w = w
+
+    @parallelizable
+    def f(self, x: int) -> int:
+        import time
+
+        time.sleep(0.01)
+        return x * self.w
+
+    @parallelizable
+    def nap(self, x: int) -> int:
+        import time
+
+        if x == 3:
+            time.sleep(5)
+        return x

@@ -208,3 +208,30 @@ def test_check_mutations_with_excluded_unpicklable_attribute(process_backend: st
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         C.Counter(1).score.map(range(4), backend=process_backend, n_jobs=N, check_mutations=True)  # pure: no warning
+
+
+def test_another_threads_timeout_does_not_break_this_map() -> None:
+    """A timeout in one thread stops loky's shared executor; a map running meanwhile in another thread re-runs and completes."""
+    import threading
+
+    out: dict[str, object] = {}
+
+    def good() -> None:
+        try:
+            out["good"] = C.Slow(3).f.map(range(200), backend="loky", n_jobs=N)
+        except BaseException as e:
+            out["good"] = e
+
+    def timing_out() -> None:
+        try:
+            C.Slow(1).nap.map(range(8), backend="loky", n_jobs=N, timeout=0.5)
+        except BaseException as e:
+            out["timeout"] = e
+
+    threads = [threading.Thread(target=good), threading.Thread(target=timing_out)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert isinstance(out["timeout"], TimeoutError)
+    assert out["good"] == [3 * x for x in range(200)]

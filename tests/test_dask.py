@@ -1,4 +1,7 @@
-"""The dask route, on a real LocalCluster (2 worker processes) on 127.0.0.1."""
+"""The dask route, on real LocalClusters (worker processes) on 127.0.0.1.
+
+CLI-started workers with private /tmp and /dev/shm: test_dask_isolated.py.
+"""
 
 from __future__ import annotations
 
@@ -125,7 +128,7 @@ def test_killed_worker(client: object) -> None:
 
 
 def test_timeout_and_progress_on_dask(client: object, capsys: pytest.CaptureFixture[str]) -> None:
-    """timeout raises TimeoutError and progress counts items, as on local backends."""
+    """timeout raises TimeoutError (saying what dask does with the task) and progress counts items."""
 
     class Slow:
         @parallelizable
@@ -135,8 +138,128 @@ def test_timeout_and_progress_on_dask(client: object, capsys: pytest.CaptureFixt
             return x
 
     t0 = time.monotonic()
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError) as info:
         Slow().f.map(range(4), backend="dask", timeout=1)
     assert time.monotonic() - t0 < 6
+    # A running dask task cannot be stopped: the message says so, and does
+    # not claim that workers were stopped and replaced.
+    assert "stopped and replaced" not in str(info.value)
+    assert "cannot stop a running task" in str(info.value)
     M.Model(1).score.map(range(23), backend="dask", progress=True)
     assert "23/23" in capsys.readouterr().err
+
+
+class Crasher:
+    def __init__(self, w: int) -> None:
+        self.w = w
+
+    @parallelizable
+    def f(self, x: int) -> int:
+        if x == 3:
+            os._exit(1)
+        time.sleep(0.02)
+        return self.w * x
+
+    @parallelizable
+    def pid(self, x: int) -> int:
+        return os.getpid()
+
+
+def _shape(out: list[object]) -> list[object]:
+    return [type(v).__name__ if isinstance(v, BaseException) else v for v in out]
+
+
+def test_worker_death_mid_map_is_a_crash_for_its_items_only(client: object) -> None:
+    """on_error='return': the item that killed its worker is a WorkerCrashedError, every other item
+    its value (dask's "lost scattered data" included), and the next maps work, changed object too."""
+    m = Crasher(2)
+    out = m.f.map(range(10), backend="dask", on_error="return", batch_size=1)
+    assert _shape(out) == [0, 2, 4, "WorkerCrashedError", 8, 10, 12, 14, 16, 18]
+    assert "Crasher.f" in str(out[3]) and any("on item 3" in n for n in out[3].__notes__)  # type: ignore[union-attr]
+    assert sorted(m.pid.map(range(6), backend="dask")) != [os.getpid()] * 6
+    m.w = 5
+    assert m.f.map([1, 2, 4], backend="dask") == [5, 10, 20]
+    client.wait_for_workers(2, timeout=60)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def one_worker() -> Iterator[object]:
+    """A second cluster with a single worker (one thread): joblib's n_jobs == 1 shortcut territory."""
+    cluster = distributed.LocalCluster(
+        n_workers=1, processes=True, threads_per_worker=1, dashboard_address=None, host="127.0.0.1"
+    )
+    c = distributed.Client(cluster, set_as_default=False)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+
+
+def test_one_worker_cluster_never_runs_in_the_caller(one_worker: object) -> None:
+    """A 1-worker cluster (or n_jobs=1) still runs every task on the cluster, never in this process."""
+    from parallelmethods import explain
+    from parallelmethods._options import Options
+    from parallelmethods._plan import plan_for
+
+    m = Crasher(1)
+    with one_worker.as_current():  # type: ignore[attr-defined]
+        plan = plan_for(m.pid, Options(backend="dask"))
+        assert (plan.route, plan.workers) == ("cluster", "remote") and plan.effective_n_jobs >= 2
+        assert explain(m.pid, backend="dask").route == "cluster"
+        for n_jobs in (None, 1):
+            pids = set(m.pid.map(range(8), backend="dask", n_jobs=n_jobs))
+            assert os.getpid() not in pids and len(pids) == 1
+        with joblib.parallel_config(backend="dask", n_jobs=1):
+            assert os.getpid() not in m.pid.map(range(3))
+
+
+def test_one_worker_crash_never_kills_the_caller(one_worker: object) -> None:
+    """os._exit on the only worker: the scattered self dies with it; a WorkerCrashedError for that
+    item, the other items re-run on the restarted worker with self sent again; the next map works."""
+    m = Crasher(3)
+    with one_worker.as_current():  # type: ignore[attr-defined]
+        out = m.f.map(range(6), backend="dask", on_error="return")
+        assert _shape(out) == [0, 3, 6, "WorkerCrashedError", 12, 15]
+        with pytest.raises(WorkerCrashedError, match=r"Crasher\.f"):
+            m.f.map(range(6), backend="dask", batch_size=1)
+        one_worker.wait_for_workers(1, timeout=60)  # type: ignore[attr-defined]
+        assert m.f.map([1, 2], backend="dask") == [3, 6]
+        assert os.getpid() not in m.pid.map(range(4), backend="dask")
+
+
+def test_retries_rerun_items_lost_with_a_worker(one_worker: object, tmp_path: object) -> None:
+    """retries=1: an item whose worker died once runs again and gets its value."""
+
+    class Once:
+        def __init__(self, flag: str) -> None:
+            self.flag = flag
+
+        @parallelizable
+        def f(self, x: int) -> int:
+            if x == 2 and not os.path.exists(self.flag):
+                with open(self.flag, "w"):
+                    pass
+                os._exit(1)
+            return x * 10
+
+    with one_worker.as_current():  # type: ignore[attr-defined]
+        assert Once(os.path.join(str(tmp_path), "died")).f.map(range(5), backend="dask", retries=1) == [
+            0,
+            10,
+            20,
+            30,
+            40,
+        ]
+
+
+def test_the_backend_keeps_the_users_client_and_submit_arguments(client: object) -> None:
+    """Ours replaces joblib's dask backend for the call only: same client, same submit keywords."""
+    from parallelmethods._options import Options
+    from parallelmethods._plan import plan_for
+
+    with joblib.parallel_config(backend="dask", priority=5):
+        plan = plan_for(Crasher(1).pid, Options())
+    assert plan.backend.client is client
+    assert plan.backend.submit_kwargs == {"priority": 5}
+    assert plan.backend_name == "dask"

@@ -37,6 +37,7 @@ class _Plan:
     opts: _Opts
     label: str = "Sim.run"
     route: str = "file"
+    workers: str = "local"
 
 
 class _SimPool:

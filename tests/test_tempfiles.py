@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import joblib
@@ -304,3 +305,30 @@ def test_where_it_runs_snippets_run(tmp_path: object) -> None:
         outputs.append(out.stdout)
     assert "[0, 2, 4, 6]" in outputs[0]
     assert "[1, 3, 5, 7, 9]\n[-1, 1, 3, 5, 7]\n57\n" in outputs[1] and "cloudpickle" in outputs[1]
+
+
+def test_files_of_dead_processes_are_swept(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payload file left by a process that no longer runs (killed with its whole group) is removed by the next map."""
+    import psutil
+
+    folder = str(tmp_path)
+    monkeypatch.setenv("JOBLIB_TEMP_FOLDER", folder)
+    dead = next(p for p in range(4_000_000, 3_000_000, -1) if not psutil.pid_exists(p))
+    old = os.path.join(folder, f"parallelmethods-{dead}-leftover.pkl")
+    young = os.path.join(folder, f"parallelmethods-{dead}-justnow.pkl")
+    alive = os.path.join(folder, f"parallelmethods-{os.getppid()}-alive.pkl")
+    for path in (old, young, alive):
+        with open(path, "wb") as f:
+            f.write(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    os.utime(alive, (time.time() - 3600, time.time() - 3600))
+    monkeypatch.setattr(_transport, "_SWEPT", set())
+    assert Doubler().f.map(range(4), backend="loky", n_jobs=2) == [0, 2, 4, 6]
+    assert not os.path.exists(old)
+    assert os.path.exists(young) and os.path.exists(alive)
+
+
+class Doubler:
+    @parallelizable
+    def f(self, x: int) -> int:
+        return 2 * x

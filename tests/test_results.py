@@ -1,0 +1,230 @@
+"""Large results come back out of band (parallelmethods._results): equal to the loop's, writable, no file left."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from parallelmethods import _results, parallelizable
+from parallelmethods._dispatch import CallContext, FileHandle
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIG = 200_000  # float64: 1.6 MB, above MIN_FILE_BYTES
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX mappings, /dev/shm")
+
+
+def _shape(i: int) -> Any:
+    kind = i % 6
+    if kind == 0:
+        return np.full(BIG, float(i))
+    if kind == 1:
+        return np.asfortranarray(np.arange(BIG, dtype=np.int64).reshape(400, 500) + i)
+    if kind == 2:
+        return np.arange(2 * BIG, dtype=np.float64)[::2] + i  # non-contiguous view's copy is contiguous
+    if kind == 3:
+        return np.arange(2 * BIG, dtype=np.float64).reshape(2, BIG)[:, ::2]  # non-contiguous: in band
+    if kind == 4:
+        return np.array([{"i": i}, "x", None] * 10, dtype=object)  # object array: in band
+    return {"a": np.full((50, 100, 100), i, dtype=np.float32), "small": np.arange(10), "i": i}
+
+
+class Maker:
+    def __init__(self) -> None:
+        self.k = 1
+
+    @parallelizable
+    def make(self, i: int) -> Any:
+        if i % 7 == 6:
+            raise ValueError(f"bad {i}")
+        return _shape(i)
+
+    @parallelizable
+    def array(self, i: int) -> Any:
+        return np.full(BIG, float(i))
+
+    @parallelizable
+    def slow_last(self, i: int, last: int) -> Any:
+        if i == last:
+            time.sleep(120)
+        return np.full(BIG, float(i))
+
+    @parallelizable
+    def die_after_writing(self, i: int, marker: str) -> Any:
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            _results._watch_folder = lambda caller, folder: os._exit(1)  # type: ignore[assignment]
+        return np.full(BIG, float(i))
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            # pickle (any route, naive joblib too) makes a non-contiguous array contiguous
+            and (a.strides == b.strides or not (b.flags.c_contiguous or b.flags.f_contiguous))
+            and bool((a == b).all())
+        )
+    if isinstance(b, dict):
+        return isinstance(a, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in b)
+    if isinstance(b, BaseException):
+        return type(a) is type(b) and str(a) == str(b)
+    return bool(a == b)
+
+
+def _leftovers(pid: int | None = None) -> list[str]:
+    prefix = f"parallelmethods-{pid if pid is not None else os.getpid()}-r"
+    found = []
+    for folder in {"/dev/shm", tempfile.gettempdir()}:
+        if os.path.isdir(folder):
+            found += [n for n in os.listdir(folder) if n.startswith(prefix)]
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left() -> Iterator[None]:
+    yield
+    assert _leftovers() == []
+
+
+def _shape_or_error(i: int) -> Any:
+    if i % 7 == 6:
+        raise ValueError(f"bad {i}")
+    return _shape(i)
+
+
+def test_pack_and_load_round_trip_in_process() -> None:
+    from joblib.externals.loky.backend.resource_tracker import ensure_running
+
+    ensure_running()  # as in a worker: a tracker shared with the caller
+    folder = tempfile.mkdtemp()
+    try:
+        handle = FileHandle(os.path.join(folder, f"parallelmethods-{os.getpid()}-x.pkl"), "k", 0, ())
+        ctx = CallContext("abc123", os.getcwd(), tuple(sys.path), True)
+        value = (0, [_shape(i) for i in range(6)], False, False)
+        out = _results.pack(value, handle, ctx)
+        assert isinstance(out, _results.OutOfBand)
+        assert len(out.paths) == 4  # kinds 0, 1, 2 and 5's float32: large and contiguous
+        assert all(os.path.exists(p) for p in out.paths)
+        _first, got, _, _ = _results.load(out)
+        assert not any(os.path.exists(p) for p in out.paths)  # unlinked once mapped
+        assert all(_equal(g, e) for g, e in zip(got, value[1]))
+        got[0][:] = -1  # writable and private
+        assert (got[0] == -1).all() and (value[1][0] == 0).all()
+        assert got[1].flags.f_contiguous and got[1].flags.writeable
+    finally:
+        os.rmdir(folder)
+
+
+def test_small_results_stay_in_band() -> None:
+    handle = FileHandle(f"/dev/shm/parallelmethods-{os.getpid()}-x.pkl", "k", 0, ())
+    out = _results.pack((0, [np.arange(10), "x"], False, False), handle, None)
+    assert isinstance(out, bytes)
+
+
+@pytest.mark.parametrize("backend", ["loky", "multiprocessing"])
+def test_large_results_equal_the_loop_and_are_writable(backend: str) -> None:
+    items = range(24)
+    got = Maker().make.map(items, backend=backend, n_jobs=2, on_error="return")
+    expected = [_result(i) for i in items]
+    assert all(_equal(g, e) for g, e in zip(got, expected))
+    for g in got:
+        arr = g["a"] if isinstance(g, dict) else g
+        if isinstance(arr, np.ndarray) and arr.dtype != object:
+            assert arr.flags.writeable
+            arr[...] = 0
+            assert not arr.any()
+
+
+def _result(i: int) -> Any:
+    try:
+        return _shape_or_error(i)
+    except ValueError as e:
+        return e
+
+
+@pytest.mark.parametrize("backend", ["loky", "multiprocessing"])
+def test_many_results(backend: str) -> None:
+    got = Maker().array.map(range(150), backend=backend, n_jobs=2)
+    assert [float(g[0]) for g in got] == [float(i) for i in range(150)]
+    assert all(g.shape == (BIG,) for g in got)
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_imap(ordered: bool) -> None:
+    got = list(Maker().array.imap(range(20), backend="loky", n_jobs=2, ordered=ordered))
+    assert sorted(float(g[0]) for g in got) == [float(i) for i in range(20)]
+    if ordered:
+        assert [float(g[-1]) for g in got] == [float(i) for i in range(20)]
+
+
+def test_abandoned_imap_and_raise_leave_nothing() -> None:
+    it = Maker().array.imap(range(40), backend="loky", n_jobs=2, batch_size=1)
+    next(it)
+    time.sleep(0.5)  # other chunks complete: their files wait, unread
+    it.close()
+    with pytest.raises(ValueError, match="bad 6"):
+        Maker().make.map(range(30), backend="loky", n_jobs=2, batch_size=1)
+
+
+def test_worker_dying_after_writing_leaves_nothing(tmp_path: Any) -> None:
+    marker = str(tmp_path / "died")
+    try:
+        got = Maker().die_after_writing.partial(marker=marker).map(range(6), backend="loky", n_jobs=2, batch_size=1)
+    except Exception:
+        got = None
+    assert os.path.exists(marker)
+    if got is not None:
+        assert [float(g[0]) for g in got] == [float(i) for i in range(6)]
+
+
+CALLER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from tests.test_results import Maker
+if sys.argv[1] == "loky":  # results are read as they come: read one, then stop reading
+    it = Maker().array.imap(range(8), backend="loky", n_jobs=2, batch_size=1)
+    next(it)
+    time.sleep(120)
+else:  # results are read once all are in: the last item never comes
+    Maker().slow_last.partial(last=3).map(range(4), backend=sys.argv[1], n_jobs=2, batch_size=1)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["loky", "multiprocessing"])
+def test_killed_caller_leaves_no_result_files(backend: str) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, *sys.path])}
+    env.pop("JOBLIB_TEMP_FOLDER", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(CALLER.format(root=ROOT)), backend],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _leftovers(proc.pid):  # results are back, unread: the caller is not reading
+            assert proc.poll() is None
+            assert time.monotonic() < deadline, "the result files never appeared"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 15
+    while _leftovers(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _leftovers(proc.pid) == []
