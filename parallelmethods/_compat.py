@@ -395,3 +395,34 @@ def is_executor_shutdown(err: BaseException) -> bool:
     from joblib.externals.loky.process_executor import ShutdownExecutorError
 
     return isinstance(err, ShutdownExecutorError) or isinstance(err.__context__, ShutdownExecutorError)
+
+
+# ---------------------------------------------------------------------------
+# joblib's dask backend (used by _dask). joblib documents "dask" as a backend
+# name, but its class lives in the private module joblib._dask; we subclass
+# it (joblib's backend API is its documented extension point) and read three
+# of its private tables. Checked on joblib 1.5.0 to 1.6.0 with distributed
+# 2024 to 2026; tests/test_compat.py reads joblib's source for each name.
+# ---------------------------------------------------------------------------
+
+#: Private attributes of DaskDistributedBackend that _dask reads or clears:
+#: ``_results`` and ``_callbacks`` (the call's futures: cancelled on abort so
+#: their tasks stop), ``_scatter`` (the user's ``scatter=`` objects, kept alive).
+DASK_BACKEND_TABLES = ("_results", "_callbacks", "_scatter")
+
+
+def dask_backend_class() -> type:
+    """joblib's ``DaskDistributedBackend`` (imports dask: call only when dask is wanted)."""
+    from joblib._dask import DaskDistributedBackend
+
+    return DaskDistributedBackend  # type: ignore[no-any-return]
+
+
+def batch_calls(func: Any) -> Any:
+    """The ``(function, args, kwargs)`` triples of a joblib ``BatchedCalls``.
+
+    Why: to find our blob among a batch's arguments when dask's backend
+    submits it; joblib's own dask backend reads ``BatchedCalls.items`` the
+    same way (joblib 1.3 to 1.6).
+    """
+    return getattr(func, "items", ()) or ()

@@ -57,6 +57,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
+from ._compat import DASK_BACKEND_TABLES, batch_calls, dask_backend_class
 from ._dispatch import InlineHandle
 from ._serialize import Payload
 
@@ -163,7 +164,7 @@ def blobs_in(func: Any) -> list[ClusterBlob]:
     blob as a top-level positional argument of run_chunk.
     """
     found: list[ClusterBlob] = []
-    for call in getattr(func, "items", ()) or ():
+    for call in batch_calls(func):
         try:
             _, args, _ = call
         except (TypeError, ValueError):
@@ -212,9 +213,9 @@ def _cluster_class() -> type:
     """joblib's DaskDistributedBackend, subclassed on first use (importing parallelmethods never imports dask)."""
     global _CLASS
     if _CLASS is None:
-        from joblib._dask import DaskDistributedBackend  # what parallel_config(backend="dask") builds
+        base: Any = dask_backend_class()  # what parallel_config(backend="dask") builds
 
-        class ClusterDaskBackend(DaskDistributedBackend):  # type: ignore[misc]
+        class ClusterDaskBackend(base):  # type: ignore[misc,valid-type]
             """joblib's dask backend that never runs a task in the caller and re-sends lost blobs (module docstring)."""
 
             @property
@@ -258,7 +259,7 @@ def _cluster_class() -> type:
                 # be stopped and finishes on its worker, result discarded.
                 pending = list(getattr(self, "_results", {}) or {})
                 super().abort_everything(ensure_ready)
-                for table in ("_results", "_callbacks"):
+                for table in DASK_BACKEND_TABLES[:2]:
                     with contextlib.suppress(Exception):
                         getattr(self, table).clear()
                 if pending and not _in_loop_of(self.client):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import itertools
 import sys
@@ -22,6 +23,7 @@ from ._serialize import (
     dumps_value,
     find_unpicklable,
     loads_value,
+    tailor_fix,
 )
 
 __all__ = ["Explanation", "explain"]
@@ -225,6 +227,8 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
                 _drop_frames(broken)
                 broken = None
                 failed.append(True)
+    if plan.route in ("reference", "fork"):
+        problems = [_on_a_route_that_never_pickles(p, plan) for p in problems]
     return Explanation(
         method=plan.label,
         backend=plan.backend_name,
@@ -241,6 +245,26 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
     )
 
 
+def _on_a_route_that_never_pickles(problem: Problem, plan: Any) -> Problem:
+    """The fix as it reads on threading, sequential or fork, where self is never pickled.
+
+    Why: offering "use backend='threading'" to someone already on threading
+    helps nobody; what they need to know is that nothing is wrong here, and
+    what to do if they switch to a backend that copies ``self``.
+    """
+    how = "inherited by fork, never pickled" if plan.route == "fork" else "shared, never copied"
+    fix = problem.fix
+    for tail in (", or use backend='threading'", " or use backend='threading'"):
+        cut = fix.find(tail)
+        if cut != -1:
+            fix = fix[:cut]
+    fix = (
+        f"nothing to do with backend={plan.backend_name!r} (self is {how}); "
+        f"for a backend that copies self (loky, dask, Ray): {fix}"
+    )
+    return dataclasses.replace(problem, fix=fix)
+
+
 def _cause(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
@@ -252,7 +276,7 @@ def _unpicklable(path: str, culprit: Any, exc: BaseException, owner: str) -> Pro
     return Problem(
         path,
         type_name,
-        describe_path_fix(path, what="self", owner_name=owner),
+        tailor_fix(describe_path_fix(path, what="self", owner_name=owner), type_name),
         stage="serialize",
         cause=cause,
         message=f"{path} ({type_name}) cannot be serialized, even with cloudpickle: {cause}",
@@ -377,7 +401,7 @@ def _rebuild_problem(plan: Any, subject: Any, owner: str, exc: BaseException) ->
     type_name = _type_name(culprit) if found is not None else owner
     cause = _cause(exc)
     if found is not None:
-        fix = describe_path_fix(path, what="self", owner_name=owner)
+        fix = tailor_fix(describe_path_fix(path, what="self", owner_name=owner), type_name)
     elif plan.kind == "method":
         fix = (
             f"make {owner}'s __setstate__ (or __reduce__) able to rebuild it from its pickled state, "

@@ -548,6 +548,16 @@ def describe_path_fix(path: str, *, what: str, owner_name: str) -> str:
     return "pass something picklable (a path, a key, plain data) or use backend='threading'"
 
 
+def tailor_fix(fix: str, obj_type: str) -> str:
+    """The fix, adjusted to what the culprit is."""
+    if obj_type.startswith("sqlite3."):
+        # sqlite refuses a connection used from another thread unless told otherwise.
+        fix = fix.replace(
+            "backend='threading'", "backend='threading' with sqlite3.connect(..., check_same_thread=False)"
+        )
+    return fix
+
+
 def serialization_error(
     obj: Any, cause: BaseException, *, what: str, exclude: tuple[str, ...] = (), owner_name: str = ""
 ) -> SerializationError:
@@ -556,12 +566,7 @@ def serialization_error(
     path, culprit = found if found is not None else (what, obj)
     obj_type = _type_name(culprit)
     subject = f"{owner_name or _type_name(obj)}" if what == "self" else what
-    fix = describe_path_fix(path, what=what, owner_name=owner_name)
-    if obj_type.startswith("sqlite3."):
-        # sqlite refuses a connection used from another thread unless told otherwise.
-        fix = fix.replace(
-            "backend='threading'", "backend='threading' with sqlite3.connect(..., check_same_thread=False)"
-        )
+    fix = tailor_fix(describe_path_fix(path, what=what, owner_name=owner_name), obj_type)
     if path == what and what != "self":  # an argument, named already: do not say it twice
         described = f"it ({obj_type}) is"
     else:

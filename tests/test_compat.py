@@ -321,3 +321,21 @@ def test_cloudpickle_dispatch_table_copies_a_main_parallel_function_by_value() -
     func = parallelizable(body)
     rebuilt = _pickle.loads(cloudpickle.dumps(func))  # by name it could not be found
     assert isinstance(rebuilt, ParallelFunction) and rebuilt(1) == 2
+
+
+def test_joblib_dask_backend_names_we_rely_on() -> None:
+    """joblib._dask.DaskDistributedBackend still exists and still uses the private tables _dask reads."""
+    import inspect
+
+    import pytest
+
+    pytest.importorskip("distributed")
+    cls = _compat.dask_backend_class()
+    source = inspect.getsource(cls)
+    for name in _compat.DASK_BACKEND_TABLES:
+        assert f"self.{name}" in source, name
+    for name in ("submit", "abort_everything", "retrieve_result_callback", "effective_n_jobs", "data_futures"):
+        assert name in source, name
+    from joblib.parallel import BatchedCalls
+
+    assert "self.items" in inspect.getsource(BatchedCalls)

@@ -217,3 +217,25 @@ def test_mixin_staticmethod_above_decorator_keeps_its_options() -> None:
     """@staticmethod over @parallelizable(...) in a listed mixin method keeps the options too."""
     assert Built.double.options()._options.given() == {"backend": "threading", "n_jobs": 2}
     assert Built.double.map([1, 2]) == [2, 4]
+
+
+class _HoldsSqlite(ParallelMixin, parallel=("f",)):
+    def __init__(self) -> None:
+        import sqlite3
+
+        self.conn = sqlite3.connect(":memory:")
+
+    def f(self, x: int) -> int:
+        return x
+
+
+def test_explain_fix_fits_the_backend() -> None:
+    """explain() does not offer threading to a threading user, and tells sqlite users about check_same_thread."""
+    from parallelmethods import explain
+
+    on_threads = explain(_HoldsSqlite().f, backend="threading").problems[0].fix
+    assert (
+        on_threads.startswith("nothing to do with backend='threading'") and "use backend='threading'" not in on_threads
+    )
+    on_loky = explain(_HoldsSqlite().f, backend="loky", n_jobs=2).problems[0].fix
+    assert "exclude=" in on_loky and "check_same_thread=False" in on_loky
