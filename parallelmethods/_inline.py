@@ -40,7 +40,7 @@ def inline_payload(plan: Plan) -> Iterator[tuple[InlineHandle, bytes]]:
     from ._transport import lineage_of, serialize_subject, state_key
 
     rv = root_reduce(plan.subject, plan.exclude)
-    key = state_key(plan.subject, fingerprint(plan.subject, rv))
+    key = state_key(plan, fingerprint(plan.subject, rv))
     payload = serialize_subject(plan, rv, key)
     blob = b"".join([payload.main, *(bytes(b) for b in payload.buffers)])
     handle = InlineHandle(

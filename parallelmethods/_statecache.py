@@ -15,7 +15,10 @@ served only when it provably still is that state:
   changed object, class, class attribute or by-value helper gets a new key.
 * **Verification.** A method may change its worker's copy (``self.seen.append``).
   Each entry remembers the fingerprint it had right after it was rebuilt
-  (after ``__parallel_init__``) and the call that last used it. Within one
+  (after ``__parallel_init__``) and the call that last used it. For a plain
+  instance (object's own pickling, nothing excluded, no
+  ``__parallel_init__``) that is the caller's fingerprint, carried in the
+  key, which the copy must reproduce; otherwise the worker takes it itself. Within one
   call the copy is reused as is (whether later tasks see a task's own change
   is unspecified). The first task of a *new* call fingerprints the copy
   again: unchanged, it is served; changed, it is dropped and rebuilt from
@@ -61,6 +64,7 @@ class _Entry:
     call: str = ""  # the call that last used it ("" = never used)
     active: int = 0  # chunks running on it now
     held: int = 0  # bytes of RSS it added when loaded
+    from_caller: bool = False  # baseline is the caller's print of this state (_transport.state_key)
 
 
 _CACHE: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
@@ -132,13 +136,23 @@ def acquire(key: str, call: str, lineage: str, load: Callable[[], Any]) -> tuple
                 # Another call is running on this copy right now (threads
                 # of a dask worker): it may be changing it. Private copy.
                 return load(), False
-            if state_fingerprint(entry.subject) == entry.baseline:
+            if _current(entry) == entry.baseline:
                 return _use(key, entry, call), True  # a new call, copy verified unchanged
             _drop(key)  # a method changed it: rebuild from the payload
+            if entry.from_caller:
+                # Perhaps only the caller's print did not fit this copy after
+                # all: the next rebuild takes its own, so this happens once.
+                _OWN_PRINT.add(key)
         _forget_superseded(lineage, key)
         rss_before = _rss()
         subject = load()
-        entry = _Entry(subject, state_fingerprint(subject), held=max(0, _rss() - rss_before))
+        if key.endswith("=") and key not in _OWN_PRINT:
+            # The caller fingerprinted this very state the way we would (see
+            # _transport.state_key): no pass over the copy now.
+            entry = _Entry(subject, key[key.rindex(":") + 1 : -1], from_caller=True)
+        else:
+            entry = _Entry(subject, state_fingerprint(subject))
+        entry.held = max(0, _rss() - rss_before)
         _CACHE[key] = entry
         if lineage:
             _LINEAGE[lineage] = key
@@ -149,6 +163,17 @@ def acquire(key: str, call: str, lineage: str, load: Callable[[], Any]) -> tuple
             _drop(oldest)
         _allow_cached_memory(sum(e.held for e in _CACHE.values()))
         return _use(key, entry, call), True
+
+
+# Keys whose caller print did not match a rebuilt copy: they take their own.
+_OWN_PRINT: set[str] = set()
+
+
+def _current(entry: _Entry) -> str:
+    """The copy's fingerprint now, computed the way its baseline was."""
+    if entry.from_caller:
+        return fingerprint(entry.subject, root_reduce(entry.subject))
+    return state_fingerprint(entry.subject)
 
 
 def release(key: str, cached: bool) -> None:
