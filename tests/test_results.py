@@ -89,7 +89,9 @@ def _leftovers(pid: int | None = None) -> list[str]:
     found = []
     for folder in {"/dev/shm", tempfile.gettempdir()}:
         if os.path.isdir(folder):
-            found += [n for n in os.listdir(folder) if n.startswith(prefix)]
+            # Result files end with _results' suffix; a payload file (.pkl) whose
+            # random part happens to start with "r" is not one of them.
+            found += [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(_results._SUFFIX)]
     return found
 
 
