@@ -426,3 +426,25 @@ def batch_calls(func: Any) -> Any:
     same way (joblib 1.3 to 1.6).
     """
     return getattr(func, "items", ()) or ()
+
+
+def undo_ray_pool_patch() -> bool:
+    """Give joblib's ``PicklingPool`` back its ``multiprocessing.pool.Pool`` base; True if it had lost it.
+
+    Why: Ray's joblib backend (``ray.util.joblib.ray_backend.RayBackend.configure``,
+    Ray 2.x) re-parents joblib's private ``joblib.pool.PicklingPool`` onto
+    Ray's own Pool, for the whole process and for good. After one
+    ``Parallel(backend="ray")`` call, joblib's multiprocessing backend then
+    runs its tasks on Ray actors: processes that were not forked from us, so
+    the fork route would find nothing inherited (measured: "this worker did
+    not inherit the object"). Ray sets the base again each time its own
+    backend configures, so both keep working when used one after the other.
+    """
+    import multiprocessing.pool
+
+    from joblib.pool import PicklingPool
+
+    if PicklingPool.__bases__ == (multiprocessing.pool.Pool,):
+        return False
+    PicklingPool.__bases__ = (multiprocessing.pool.Pool,)
+    return True

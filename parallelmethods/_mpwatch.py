@@ -30,6 +30,7 @@ from ._compat import (
     backend_kwargs,
     memmapping_pool,
     pool_processes,
+    undo_ray_pool_patch,
 )
 
 __all__ = ["WatchedMultiprocessingBackend", "WorkerDied"]
@@ -65,6 +66,7 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[mis
         n_jobs = self.effective_n_jobs(n_jobs)
         if n_jobs == 1:
             raise FallbackToBackend(SequentialBackend(nesting_level=self.nesting_level))
+        undo_ray_pool_patch()  # our workers must be our own forked processes (see _compat)
         self._pool = memmapping_pool(n_jobs, **{**backend_kwargs(self), **pool_kwargs})
         self.parallel = parallel
         self._pending: dict[int, Any] = {}

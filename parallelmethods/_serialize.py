@@ -309,18 +309,40 @@ class _FingerprintPickler(_RootPickler):
         return super().reducer_override(obj)
 
 
+class _HashWriter:
+    """A file for the pickler that hashes what it is given and keeps nothing.
+
+    Why: the pickle of a large ``self`` (40 MB for a dict of a million
+    entries) is only hashed; written into a BytesIO it would be held twice
+    (buffer, then ``getvalue()``), and in a loky worker that transient
+    memory counts against loky's leak guard.
+    """
+
+    __slots__ = ("hash",)
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.hash.update(data)
+        return len(data)
+
+
 def _fingerprint_bytes(value: Any, root: Any, root_rv: Any, code: dict[int, str], fast: bool) -> bytes:
-    out = io.BytesIO()
+    out = _HashWriter()
     buffers: list[memoryview] = []
 
     def keep(buf: pickle.PickleBuffer) -> bool:
         buffers.append(buf.raw())
         return False
 
-    pickler = _FingerprintPickler(out, root, root_rv, keep, code)
+    pickler = _FingerprintPickler(out, root, root_rv, keep, code)  # type: ignore[arg-type]
     pickler.fast = fast  # type: ignore[attr-defined]
     pickler.dump(value)
-    return _digest(out.getvalue(), buffers).encode()
+    for buf in buffers:  # as _digest does
+        out.hash.update(len(buf).to_bytes(8, "little"))
+        out.hash.update(buf)
+    return out.hash.hexdigest()[:32].encode()
 
 
 def _state_parts(root_rv: Any) -> list[tuple[str, Any]] | None:

@@ -339,3 +339,31 @@ def test_joblib_dask_backend_names_we_rely_on() -> None:
     from joblib.parallel import BatchedCalls
 
     assert "self.items" in inspect.getsource(BatchedCalls)
+
+
+class _NotOurPool:
+    """Stands for Ray's Pool, which Ray's joblib backend makes the base of joblib's PicklingPool."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("tasks would run on someone else's pool")
+
+
+def test_multiprocessing_survives_rays_pool_patch() -> None:
+    """After Ray's joblib backend re-parents joblib's PicklingPool, our multiprocessing maps still fork our own workers."""
+    import multiprocessing.pool
+
+    from joblib.pool import PicklingPool
+
+    from parallelmethods import parallelizable
+
+    class Doubler:
+        @parallelizable
+        def f(self, x: int) -> int:
+            return 2 * x
+
+    PicklingPool.__bases__ = (_NotOurPool,)  # what RayBackend.configure does, with Ray's Pool
+    try:
+        assert Doubler().f.map(range(6), backend="multiprocessing", n_jobs=2) == [0, 2, 4, 6, 8, 10]
+        assert PicklingPool.__bases__ == (multiprocessing.pool.Pool,)
+    finally:
+        PicklingPool.__bases__ = (multiprocessing.pool.Pool,)
