@@ -172,6 +172,7 @@ def explain(method: Any, /, **options: Any) -> Explanation:
 
 def explain_bound(bound: Any, layer: Options) -> Explanation:
     from ._plan import plan_for
+    from ._transport import marshal_ok
 
     plan = plan_for(bound, layer)
     subject = plan.subject
@@ -185,7 +186,7 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
     try:
         # As the map would: large plain-data attributes as marshal on the file route.
         payload = dumps_state(
-            subject, exclude=plan.exclude, what="self", owner_name=owner, plain_as_marshal=plan.route == "file"
+            subject, exclude=plan.exclude, what="self", owner_name=owner, plain_as_marshal=marshal_ok(plan)
         )
         serializer, reason, size = payload.via, payload.why, payload.nbytes
         if serializer == "pickle":

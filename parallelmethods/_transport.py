@@ -91,10 +91,25 @@ def _caller_print_applies(plan: Plan) -> bool:
     )
 
 
+def marshal_ok(plan: Plan) -> bool:
+    """Whether large plain-data attributes may travel as marshal on this route.
+
+    marshal's format belongs to one Python version: fine for local workers
+    (the file route) and for Ray, which refuses a cluster whose Python
+    version differs from the driver's; not for dask, whose workers may run
+    another one.
+    """
+    if plan.route == "file":
+        return True
+    if plan.route == "cluster":
+        from ._ray import is_ray_backend
+
+        return is_ray_backend(plan.backend)
+    return False
+
+
 def serialize_subject(plan: Plan, root_rv: Any = None, digest: str | None = None) -> Payload:
     owner_name = type(plan.subject).__qualname__ if plan.kind == "method" else plan.label
-    # marshal only for local workers: its format belongs to this exact Python
-    # version, and a dask worker may run another one.
     return dumps_state(
         plan.subject,
         exclude=plan.exclude,
@@ -102,7 +117,7 @@ def serialize_subject(plan: Plan, root_rv: Any = None, digest: str | None = None
         owner_name=owner_name,
         root_rv=root_rv,
         digest=digest,
-        plain_as_marshal=plan.route == "file",
+        plain_as_marshal=marshal_ok(plan),
     )
 
 
