@@ -22,6 +22,11 @@ Data flow for ``m.score.map(xs, n_jobs=2)``::
                  its file and its key
             dask ───────────────────────────► InlineHandle + the bytes,
                  scattered to the cluster once as a Future   [_dask]
+            Ray ────────────────────────────► InlineHandle + an object-store ref,
+                 put once per call; chunks run as Ray tasks  [_ray]
+            other remote or unknown process
+            backends ───────────────────────► InlineHandle + the bytes in every
+                 task (no file, no fork assumed)             [_inline]
         3 items cut into chunks; each chunk pickled once (args fall back to
           cloudpickle) and sent as one joblib task, with the CallContext
           (call id, caller's cwd and sys.path, exclude, class name) in spec:

@@ -184,7 +184,7 @@ def explain_bound(bound: Any, layer: Options) -> Explanation:
     payload: Payload | None = None
     failure: BaseException | None = None
     try:
-        # As the map would: large plain-data attributes as marshal on the file route.
+        # As the map would: large plain-data attributes as marshal where marshal_ok says so.
         payload = dumps_state(
             subject, exclude=plan.exclude, what="self", owner_name=owner, plain_as_marshal=marshal_ok(plan)
         )

@@ -9,8 +9,9 @@ pool's processes; when one ends, every pending task's callback is called with
 call and terminating the pool.
 
 It is used for joblib's own ``MultiprocessingBackend`` only (_plan swaps
-that exact class for this one): a user's subclass (Ray's ``RayBackend``...)
-is never replaced, so it is not watched either.
+that exact class for this one): a user's own subclass is never replaced,
+so it is not watched either (Ray's ``RayBackend`` is routed to the cluster
+by _plan and never reaches this module).
 
 joblib 1.4 schedules tasks with ``backend.apply_async``; 1.5 renamed it
 ``submit`` (and calls only that). Both are overridden here, so the watchdog

@@ -16,7 +16,8 @@ When: only where nobody could tell the difference (:func:`marshal_plain_attribut
 * no container in it referenced from anywhere but its one parent, and the
   attribute itself referenced only by ``self`` (:func:`_plain_size` reads
   reference counts): so no sharing with the rest of the state, no cycles;
-* local workers only (the file route): marshal's format belongs to one
+* local workers (the file route) and Ray, which refuses workers of another
+  Python version (``_transport.marshal_ok``): marshal's format belongs to one
   Python version, and a dask worker may run another;
 * CPython with the GIL only (:data:`MARSHAL_SUPPORTED`): the reference-count
   check was measured and reasoned about there. On PyPy reference counts do

@@ -1,7 +1,8 @@
 """Turning ``self`` and arguments into bytes, once, and back.
 
 ``dumps_state(obj)`` -> :class:`Payload` (main pickle stream + out-of-band
-buffers + a content digest). The rules, in order:
+buffers + the state-cache key, or a content digest when no key is given).
+The rules, in order:
 
 1. stdlib :mod:`pickle` (protocol 5), through a pickler that refuses anything
    a worker could not import by reference: classes and functions from
@@ -21,7 +22,7 @@ Large buffers (numpy arrays, ``PickleBuffer``) travel out of band (PEP 574):
 they are not copied into the pickle stream, and the worker maps them
 from the payload file (privately, copy-on-write) instead of copying them.
 
-On the local file route, a large attribute that is plain data (nested
+On the local file route and on Ray (``_transport.marshal_ok``), a large attribute that is plain data (nested
 dicts, lists, tuples, sets of str/int/float/...; shared with nothing else)
 is written with :mod:`marshal` inside the pickle, about 3x cheaper than
 pickle's memo for such data: see :mod:`parallelmethods._plain` for when and why.
@@ -240,7 +241,7 @@ def dumps_state(
     (:func:`root_reduce`); both passes below reuse it. ``digest``, when the
     caller has a state-cache key already (see :mod:`parallelmethods._statecache`),
     is used instead of hashing the stream. ``plain_as_marshal``
-    (local workers only: marshal's format belongs to this Python version)
+    (local workers and Ray only: marshal's format belongs to this Python version)
     writes large plain-data attributes with marshal, see
     :func:`~parallelmethods._plain.marshal_plain_attributes`.
     """
@@ -358,7 +359,7 @@ def _state_parts(root_rv: Any) -> list[tuple[str, Any]] | None:
 
 
 def fingerprint(obj: Any, root_rv: Any) -> str:
-    """What a worker's copy of ``obj`` must match: content, top-level sharing, by-value code.
+    """What a worker's copy of ``obj`` must match: content, sharing (two levels), by-value code.
 
     Computed in the caller (is the kept payload still this object's state?)
     and in workers (has a method changed the cached copy?). Three parts:

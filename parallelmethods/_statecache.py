@@ -30,7 +30,7 @@ served only when it provably still is that state:
 What it does not cover: modules imported by reference (an installed
 package, a class in an importable module) stay loaded in long-lived workers,
 as in any pool, and so do changes a method makes to them (their globals,
-their class attributes). A change of sharing below the top level alone is
+their class attributes). A change of sharing deeper than one level below the attributes alone is
 not seen by the fingerprint (docs/state.md).
 
 Bounds and costs: at most :data:`CACHE_SIZE` entries per worker process

@@ -8,7 +8,7 @@
   most :data:`KEPT_FILES` objects, least recently used first out), so a
   later call on an unchanged object skips pickling and writing: its
   fingerprint (:func:`~parallelmethods._serialize.fingerprint`: content,
-  top-level sharing, by-value code) tells that nothing changed, and warm
+  sharing of attributes and their children, by-value code) tells that nothing changed, and warm
   workers already hold that state (they check their copy: _statecache).
 * ``cluster`` (dask, Ray): the payload shipped to the cluster once per call.
 
