@@ -51,9 +51,14 @@ def main() -> None:
         "(the first map pays one copy of the 50 MB object; the work per item is tiny)"
     )
 
-    t0 = time.perf_counter()
-    obj.find.map(items, n_jobs=2)  # unchanged object: workers still hold it
-    print(f"  the same map again: {time.perf_counter() - t0:.3f}s (nothing re-sent)")
+    again = []
+    for _ in range(3):  # unchanged object: nothing is re-sent, workers still hold it
+        t0 = time.perf_counter()
+        obj.find.map(items, n_jobs=2)
+        again.append(time.perf_counter() - t0)
+    # (A worker that got no chunk in the first map, because the other one was
+    # faster, loads self the first time it gets one: at most once per worker.)
+    print(f"  the same map again: {sorted(again)[1]:.3f}s (median of 3; nothing re-sent)")
 
     # When self is large and items are cheap, fork inheritance avoids even that copy:
     t0 = time.perf_counter()
