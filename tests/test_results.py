@@ -197,7 +197,9 @@ import sys, time
 sys.path.insert(0, {root!r})
 from tests.test_results import Maker
 if sys.argv[1] == "loky":  # results are read as they come: read one, then stop reading
-    it = Maker().array.imap(range(8), backend="loky", n_jobs=2, batch_size=1)
+    # Unordered: an ordered imap may decode (and so map and unlink) later items
+    # of its window while it waits for item 0; unordered stops after the first.
+    it = Maker().array.imap(range(8), backend="loky", n_jobs=2, batch_size=1, ordered=False)
     next(it)
     time.sleep(120)
 else:  # results are read once all are in: the last item never comes
