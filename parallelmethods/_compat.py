@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -448,3 +449,21 @@ def undo_ray_pool_patch() -> bool:
         return False
     PicklingPool.__bases__ = (multiprocessing.pool.Pool,)
     return True
+
+
+def dask_take_pending(backend: Any, *, clear: bool = True) -> list[Any]:
+    """The futures pending in joblib's dask backend's ``_results`` table; empties it and ``_callbacks`` if ``clear``.
+
+    Why: joblib's ``abort_everything`` forgets a call's futures only locally;
+    those tables keep them (and so their tasks) alive while the backend lives.
+    """
+    pending = list(getattr(backend, DASK_BACKEND_TABLES[0], None) or {})
+    for table in DASK_BACKEND_TABLES[:2] if clear else ():
+        with contextlib.suppress(Exception):
+            getattr(backend, table).clear()
+    return pending
+
+
+def dask_copy_scattered(source: Any, target: Any) -> None:
+    """Carry the user's ``scatter=`` objects (``_scatter``) over, so their ids stay alive."""
+    setattr(target, DASK_BACKEND_TABLES[2], list(getattr(source, DASK_BACKEND_TABLES[2], [])))

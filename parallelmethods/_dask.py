@@ -57,7 +57,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from ._compat import DASK_BACKEND_TABLES, batch_calls, dask_backend_class
+from ._compat import batch_calls, dask_backend_class, dask_copy_scattered, dask_take_pending
 from ._dispatch import InlineHandle
 from ._serialize import Payload
 
@@ -257,11 +257,9 @@ def _cluster_class() -> type:
                 # this backend lives, which is the whole map under recovery.
                 # Cancel them: queued tasks are dropped; a running one cannot
                 # be stopped and finishes on its worker, result discarded.
-                pending = list(getattr(self, "_results", {}) or {})
+                pending = dask_take_pending(self, clear=False)  # before joblib's abort
                 super().abort_everything(ensure_ready)
-                for table in DASK_BACKEND_TABLES[:2]:
-                    with contextlib.suppress(Exception):
-                        getattr(self, table).clear()
+                dask_take_pending(self)  # then empty the tables
                 if pending and not _in_loop_of(self.client):
                     with contextlib.suppress(Exception):  # a closed client: nothing left to cancel
                         self.client.cancel(pending)
@@ -287,6 +285,6 @@ def cluster_backend(backend: Any) -> Any:
         **dict(getattr(backend, "submit_kwargs", None) or {}),
     )
     new.data_futures = dict(getattr(backend, "data_futures", None) or {})
-    new._scatter = list(getattr(backend, "_scatter", []))  # keeps the user's scatter= objects (and so their ids) alive
+    dask_copy_scattered(backend, new)
     new.nesting_level = getattr(backend, "nesting_level", None)
     return new
