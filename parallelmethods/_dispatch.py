@@ -29,7 +29,7 @@ Data flow for ``m.score.map(xs, n_jobs=2)``::
                  task (no file, no fork assumed)             [_inline]
         3 items cut into chunks; each chunk pickled once (args fall back to
           cloudpickle) and sent as one joblib task, with the CallContext
-          (call id, caller's cwd and sys.path, exclude, class name) in spec:
+          (call id, caller's cwd and sys.path, class name) in spec:
             delayed(run_chunk)(handle, spec, first_index, items, serialized, blob)
         4 joblib.Parallel(batch_size=1,
             return_as=generator_unordered | list)  ──────────────────────► 5 run_chunk:
@@ -104,14 +104,13 @@ class CallContext:
     ``call`` names the call (the state cache serves a copy to a new call
     only after checking it); ``cwd`` and ``sys_path`` are the caller's at the
     moment of the call, which local process workers follow (``follow``);
-    ``exclude`` and ``owner`` (the class name) are for rebuilding ``self``.
+    ``owner`` (the class name) is for naming a failure to rebuild ``self``.
     """
 
     call: str
     cwd: str
     sys_path: tuple[str, ...]
     follow: bool
-    exclude: tuple[str, ...] = ()
     owner: str = ""
 
 

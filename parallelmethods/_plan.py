@@ -269,7 +269,7 @@ def plan_for(bound: BoundParallelMethod[Any, Any], layer: Options, star: bool = 
     # view); threads share them already; a cluster's workers keep their own
     # (another machine may not have the folder: docs/clusters.md).
     follow = workers == "local processes" and route != "reference"
-    context = _dispatch.CallContext(uuid.uuid4().hex, _cwd(), tuple(sys.path), follow, exclude, owner)
+    context = _dispatch.CallContext(uuid.uuid4().hex, _cwd(), tuple(sys.path), follow, owner)
     plan.spec = (kind, name, mro_index, bound._args, bound._kwargs, opts.on_error, opts.check_mutations, context, star)
     return plan
 
