@@ -73,7 +73,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-from . import _orphan, _results, _statecache
+from . import _board, _orphan, _results, _statecache
 from ._serialize import dumps_value, loads_value
 from .errors import ParallelMethodsError, SerializationError
 
@@ -388,18 +388,28 @@ def _capture(index: int, exc: BaseException, serialized: bool = True) -> RemoteE
     return RemoteError(index, kept, type_name, str(exc), tb_text)
 
 
-def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool, blob: Any = None) -> Any:
+def run_chunk(
+    handle: Any, spec: Any, first: int, items: Any, serialized: bool, blob: Any = None, board: Any = None
+) -> Any:
     """Run one chunk of items; the only function any worker executes.
 
     ``spec`` = (kind, name, mro_index, fixed_args, fixed_kwargs, on_error,
     check_mutations, context, star); on process routes it and ``items``
     arrive as bytes and the result leaves as bytes, so pickling errors are
     ours to name. Returns ``(first, results, mutated, had_error)`` where a
-    failed item's result is a :class:`RemoteError`.
+    failed item's result is a :class:`RemoteError`, and ``results`` may be
+    :class:`~parallelmethods._board.Logged` (they are in the chunk's log).
+    ``board`` (local process routes) is the run's board: its stop flag,
+    and with recovery on, item marks and the results log (``_board``).
     """
     # A local process worker ends itself (and its caller's payload files)
     # within a second of its caller's death: loky's would idle 300 s.
     _orphan.watch_caller(handle)
+    wboard = _board.attach(board) if board is not None else None
+    if wboard is not None and wboard.stopped():
+        # The caller stopped reading this run (an error, an abandoned imap):
+        # return at once, before rebuilding self; nobody reads this result.
+        return _pack((first, [], False, False), serialized, handle)
     if serialized:
         spec = loads_value(spec)
         items = loads_value(items)
@@ -415,14 +425,31 @@ def run_chunk(handle: Any, spec: Any, first: int, items: Any, serialized: bool, 
         count = len(items) if on_error == "return" else 1
         out = (first, [_capture(first + i, err, serialized) for i in range(count)], False, True)
         return _pack(out, serialized, handle, ctx)
+    log = wboard.open_log(first) if wboard is not None else None
     try:
-        return _pack(_run_items(subject, spec, first, items, serialized), serialized, handle, ctx)
+        out: tuple[int, Any, bool, bool] = _run_items(subject, spec, first, items, serialized, wboard, log, handle)
+        if log is not None and log.ok:
+            # Every result is in the log already (written as each item ended,
+            # so a crash later in the chunk loses none): send only the count.
+            out = (out[0], _board.Logged(len(out[1])), out[2], out[3])
+        return _pack(out, serialized, handle, ctx)
     finally:
+        if log is not None:
+            log.close()
         _statecache.release(key, cached)
 
 
-def _run_items(subject: Any, spec: Any, first: int, items: Any, serialized: bool) -> tuple[int, list[Any], bool, bool]:
-    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations, _ctx, star = spec
+def _run_items(
+    subject: Any,
+    spec: Any,
+    first: int,
+    items: Any,
+    serialized: bool,
+    wboard: _board.WorkerBoard | None = None,
+    log: _board.ChunkLog | None = None,
+    handle: Any = None,
+) -> tuple[int, list[Any], bool, bool]:
+    kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations, ctx, star = spec
     fn, lead = resolve_call(subject, kind, name, mro_index)
     if fixed_args or lead:
         lead = (*lead, *fixed_args)
@@ -431,7 +458,16 @@ def _run_items(subject: Any, spec: Any, first: int, items: Any, serialized: bool
     append = results.append
     had_error = False
     index = first
+    # Why the marks: with recovery on, a crash is pinned on the item whose
+    # slot holds the dead worker's pid (_board); the log keeps every result
+    # that ended, so a crash later in the chunk does not lose it.
+    marks = wboard is not None and wboard.log
     for item in items:
+        if wboard is not None and wboard.stopped():
+            break  # the caller stopped reading: skip what has not started
+        if marks:
+            wboard.started(index)  # type: ignore[union-attr]
+        failed = False
         try:
             # Two call shapes: several iterables/starmap give tuples; one
             # iterable gives the argument itself (the hot path of map).
@@ -443,12 +479,24 @@ def _run_items(subject: Any, spec: Any, first: int, items: Any, serialized: bool
             raise
         except BaseException as exc:  # noqa: BLE001 - every method error travels back, SystemExit too
             append(_capture(index, exc, serialized))
-            had_error = True
-            if on_error == "raise":
-                break
+            had_error = failed = True
+        if marks:
+            wboard.ended(index)  # type: ignore[union-attr]
+        if log is not None:
+            log.add(_pack_one(index, results[-1], handle, ctx))
+        if failed and on_error == "raise":
+            break
         index += 1
     mutated = bool(check_mutations) and _statecache.state_fingerprint(subject) != before
     return first, results, mutated, had_error
+
+
+def _pack_one(index: int, result: Any, handle: Any, ctx: Any) -> Any:
+    """One result as the log keeps it (large buffers in their own files, as _pack)."""
+    try:
+        return _results.pack(result, handle, ctx)
+    except Exception:  # noqa: BLE001 - name the result that cannot travel
+        return _results.pack(_result_or_error(index, result), handle, ctx)
 
 
 def _pack(out: tuple[int, list[Any], bool, bool], serialized: bool, handle: Any = None, ctx: Any = None) -> Any:

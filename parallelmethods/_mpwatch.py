@@ -42,17 +42,19 @@ POLL_SECONDS = 0.05
 class WorkerDied(RuntimeError):
     """A pool worker process ended while tasks were pending."""
 
-    def __init__(self, exitcodes: tuple[int, ...]) -> None:
+    def __init__(self, exitcodes: tuple[int, ...], pids: tuple[int, ...] = ()) -> None:
         super().__init__(f"a multiprocessing pool worker died (exit codes {exitcodes})")
         self.exitcodes = exitcodes
+        self.pids = pids  # the dead workers, seen before the pool kills the others (_board)
 
     def __reduce__(self) -> Any:
-        return (WorkerDied, (self.exitcodes,))
+        return (WorkerDied, (self.exitcodes, self.pids))
 
 
 class _Died:
-    def __init__(self, exitcodes: tuple[int, ...]) -> None:
+    def __init__(self, exitcodes: tuple[int, ...], pids: tuple[int, ...]) -> None:
         self.exitcodes = exitcodes
+        self.pids = pids
 
 
 class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[misc]
@@ -108,7 +110,7 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[mis
 
     def retrieve_result_callback(self, result: Any) -> Any:
         if isinstance(result, _Died):
-            raise WorkerDied(result.exitcodes)
+            raise WorkerDied(result.exitcodes, result.pids)
         return super().retrieve_result_callback(result)
 
     def _watch(self, pool: Any, stop: threading.Event, seen: list[Any]) -> None:
@@ -118,14 +120,15 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[mis
             for proc in pool_processes(pool):
                 if proc not in seen:
                     seen.append(proc)
-            dead = tuple(p.exitcode for p in seen if p.exitcode is not None)
+            ended = [p for p in seen if p.exitcode is not None]
+            dead = tuple(p.exitcode for p in ended)
             if dead and not stop.is_set():
                 with self._pending_lock:
                     callbacks = list(self._pending.values())
                     self._pending.clear()
                 for cb in callbacks:
                     if cb is not None:
-                        cb(_Died(dead))
+                        cb(_Died(dead, tuple(p.pid for p in ended)))
                 return
 
     def terminate(self) -> None:

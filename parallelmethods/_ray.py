@@ -84,6 +84,7 @@ class RayWorkerDied(WorkerDied):
         said = str(error).strip().splitlines()
         RuntimeError.__init__(self, f"a Ray worker died ({type(error).__name__}: {said[0] if said else ''})")
         self.exitcodes: tuple[int, ...] = ()  # Ray reports none
+        self.pids: tuple[int, ...] = ()
 
     def __reduce__(self) -> Any:
         return (RuntimeError, (str(self),))

@@ -74,11 +74,13 @@ from __future__ import annotations
 
 import enum
 import multiprocessing
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ._board import Board
 from ._compat import add_note, is_executor_shutdown, loky_pool_errors
 from ._mpwatch import WorkerDied
 from .errors import ParallelMethodsError, WorkerCrashedError
@@ -112,6 +114,7 @@ class Event(enum.Enum):
     STOPPED = "stopped"  # another call in this process stopped the shared pool under it
     LOST_WITH_OTHERS = "lost with others"  # the run failed with several items in flight
     LOST_ALONE = "lost alone"  # the run failed with this one item in flight
+    BYSTANDER = "bystander"  # the run failed, and the board says another item killed the worker
 
 
 # ----------------------------------------------------------------------------
@@ -126,11 +129,12 @@ class PoolFailure(Exception):
     took and of those whose results reached the caller.
     """
 
-    def __init__(self, error: BaseException, dispatched: set[int], completed: set[int]) -> None:
+    def __init__(self, error: BaseException, dispatched: set[int], completed: set[int], deaths_from: int = 0) -> None:
         super().__init__(str(error))
         self.error = error
         self.dispatched = dispatched
         self.completed = completed
+        self.deaths_from = deaths_from  # the board's first death record of this run
 
 
 def is_pool_failure(err: BaseException) -> bool:
@@ -230,6 +234,11 @@ class _Unit:
     alone: bool = False  # from now on runs alone: a loss is certainly its own
 
 
+def has_board(plan: Plan) -> bool:
+    """Whether runs of ``plan`` get a board: local process routes on POSIX (see _board)."""
+    return plan.route in ("file", "fork") and os.name == "posix"
+
+
 def internal_error(what: str) -> ParallelMethodsError:
     return ParallelMethodsError(
         f"parallelmethods internal error: {what}. Please report it with the call that caused it."
@@ -256,6 +265,9 @@ class Recovery:
         }
         self.recover = plan.opts.on_error == "return" or plan.opts.retries > 0
         self.stopped = 0  # times another call stopped the shared pool under this one
+        # The board (local process routes): a stop flag, and with recovery on,
+        # which worker runs which item and the results that ended (_board).
+        self.board = Board.create(start, len(items), log=self.recover) if has_board(plan) else None
 
     # -- the only place where a unit changes state ---------------------------
     def _move(self, unit: _Unit, event: Event) -> None:
@@ -280,6 +292,11 @@ class Recovery:
                 for offset, item in enumerate(unit.items):
                     single = _Unit(unit.first + offset, [item], State.PENDING, unit.losses + 1, alone=True)
                     self.units[single.first] = single
+            case State.RUNNING, Event.BYSTANDER:
+                # The board pins the crash on another item: this one was only
+                # in flight (not started, ended, or running on a worker that
+                # was killed after the crash); no loss, it runs again.
+                unit.state = State.PENDING
             case State.RUNNING, Event.LOST_ALONE if unit.losses + 1 <= self.plan.opts.retries:
                 # Its own loss, retries left: run it again, alone.
                 unit.losses += 1
@@ -305,11 +322,18 @@ class Recovery:
 
     # -- the loop ----------------------------------------------------------------
     def run(self) -> Iterator[tuple[int, list[Any]]]:
+        try:
+            yield from self._run()
+        finally:
+            if self.board is not None:
+                self.board.close()
+
+    def _run(self) -> Iterator[tuple[int, list[Any]]]:
         timeout = self.plan.opts.timeout
         while run := self._next_run():
             for unit in run:
                 self._move(unit, Event.SENT)
-            outputs = self.executor.run([(u.first, u.items) for u in run], timeout)
+            outputs = self.executor.run([(u.first, u.items) for u in run], timeout, self.board)
             try:
                 for first, results, mutated, had_error in outputs:
                     done = self.units.get(first)
@@ -329,7 +353,16 @@ class Recovery:
         self._check_resolved()
 
     def _after_failure(self, run: list[_Unit], failure: PoolFailure) -> Iterator[tuple[int, list[Any]]]:
-        running = [u for u in run if u.state is State.RUNNING]
+        lost_firsts = set(failure.dispatched)
+        # Results the workers finished before the failure are not lost: their
+        # chunks' logs hold them (recovery on, local process routes).
+        for unit in [u for u in run if u.state is State.RUNNING and u.first in failure.dispatched]:
+            rest, salvaged = self._salvage(unit)
+            if rest is not None:
+                lost_firsts.add(rest.first)
+            if salvaged is not None:
+                yield salvaged
+        running = [u for u in self.units.values() if u.state is State.RUNNING]
         if is_executor_shutdown(failure.error):
             self.stopped += 1
             if self.stopped > MAX_STOPPED:
@@ -341,21 +374,73 @@ class Recovery:
             for unit in running:
                 self._move(unit, Event.STOPPED)
             return
-        lost = [u for u in running if u.first in failure.dispatched]
+        lost = [u for u in running if u.first in lost_firsts]
         in_flight = [u.first + i for u in lost for i in range(len(u.items))]
         if not self.recover:
             raise map_pool_error(self.plan, failure.error, in_flight) from failure.error
         for unit in running:
-            if unit.first not in failure.dispatched:
+            if unit.first not in lost_firsts:
                 self._move(unit, Event.UNSENT)
+        culprits = self._culprits(failure, in_flight)
+        if culprits:
+            # The board names the item that killed the worker: only it takes a
+            # loss; every other item in flight runs again, in the next batch.
+            for unit in lost:
+                for piece in self._cut(unit, culprits, alone=True):
+                    if piece.first in culprits:
+                        yield from self._lose_alone(piece, failure)
+                    else:
+                        self._move(piece, Event.BYSTANDER)
+            return
         if len(in_flight) > 1:
             for unit in lost:
                 self._move(unit, Event.LOST_WITH_OTHERS)
             return
         for unit in lost:  # the one item in flight (a run alone, or the last of a batch)
-            self._move(unit, Event.LOST_ALONE)
-            if unit.state is State.FAILED:
-                yield unit.first, [self._failed_value(unit, failure)]
+            yield from self._lose_alone(unit, failure)
+
+    def _lose_alone(self, unit: _Unit, failure: PoolFailure) -> Iterator[tuple[int, list[Any]]]:
+        self._move(unit, Event.LOST_ALONE)
+        if unit.state is State.FAILED:
+            yield unit.first, [self._failed_value(unit, failure)]
+
+    def _culprits(self, failure: PoolFailure, in_flight: list[int]) -> set[int]:
+        """Items the board says killed their worker in this run (empty: not known, or a timeout)."""
+        if self.board is None or isinstance(failure.error, (TimeoutError, multiprocessing.TimeoutError)):
+            return set()
+        found = self.board.culprits(in_flight, failure.deaths_from, tuple(getattr(failure.error, "pids", ())))
+        return set(found or ())
+
+    def _salvage(self, unit: _Unit) -> tuple[_Unit | None, tuple[int, list[Any]] | None]:
+        """Take the results a lost chunk's log holds: ``(the unit of the rest or None, its done part)``."""
+        values = self.board.salvage(unit.first, len(unit.items)) if self.board is not None else []
+        if not values:
+            return unit, None
+        done, *rest = self._cut(unit, {unit.first + len(values)} if len(values) < len(unit.items) else set())
+        from ._dispatch import RemoteError
+
+        had_error = any(isinstance(v, RemoteError) for v in values)
+        accepted = self.collector.accept(done.first, values, False, had_error)
+        self._move(done, Event.RESULT)
+        return (rest[0] if rest else None), (done.first, accepted)
+
+    def _cut(self, unit: _Unit, at: set[int], alone: bool = False) -> list[_Unit]:
+        """Split ``unit`` so that each index in ``at`` starts a piece (and, with ``alone``, is one).
+
+        Used for two cuts: a salvaged prefix (``at`` = the first item not
+        done) and culprits (each alone, bystanders in between kept together).
+        """
+        pieces: list[_Unit] = []
+        start = 0
+        for offset in range(1, len(unit.items) + 1):
+            index = unit.first + offset
+            if offset == len(unit.items) or index in at or (alone and index - 1 in at):
+                pieces.append(_Unit(unit.first + start, unit.items[start:offset], unit.state, unit.losses, unit.alone))
+                start = offset
+        del self.units[unit.first]
+        for piece in pieces:
+            self.units[piece.first] = piece
+        return pieces
 
     def _failed_value(self, unit: _Unit, failure: PoolFailure) -> BaseException:
         error = map_pool_error(self.plan, failure.error, [unit.first])

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, cast
 from joblib import Parallel, delayed
 
 from . import _results
+from ._board import Board, Logged
 from ._compat import add_note
 from ._dispatch import RemoteError, run_chunk
 from ._options import Options, check_timeout_per_item
@@ -121,17 +122,21 @@ class _Executor:
         self.spec = _spec_payload(plan, self.serialized)
 
     def run(
-        self, chunks: list[tuple[int, list[Any]]], timeout: float | None
+        self, chunks: list[tuple[int, list[Any]]], timeout: float | None, board: Board | None = None
     ) -> Generator[tuple[int, list[Any], bool, bool], None, None]:
         plan = self.plan
         dispatched: set[int] = set()
         completed: set[int] = set()
+        ref = board.ref if board is not None else None
+        # Deaths before this run (an earlier run's crash, loky killing its
+        # siblings) are not this run's: culprits are looked for from here on.
+        deaths_from = board.watch.mark() if board is not None and board.watch is not None else 0
 
         def tasks() -> Iterator[Any]:
             for first, items in chunks:
                 payload = _items_payload(first, items, self.serialized, self.star)
                 dispatched.add(first)
-                yield delayed(run_chunk)(self.handle, self.spec, first, payload, self.serialized, self.blob)
+                yield delayed(run_chunk)(self.handle, self.spec, first, payload, self.serialized, self.blob, ref)
 
         return_as = "generator_unordered" if plan.backend.supports_return_generator else "list"
         parallel = Parallel(
@@ -143,7 +148,7 @@ class _Executor:
             # "list" (multiprocessing) raises here; generators raise while iterated.
             outputs = parallel(tasks())
             for out in outputs:
-                decoded = self._decode(out)
+                decoded = self._decode(out, board)
                 completed.add(decoded[0])
                 yield decoded
         except ParallelMethodsError:
@@ -154,18 +159,30 @@ class _Executor:
                 # until the next one starts; its traceback would keep these
                 # frames, this call's plan and so `self` alive until then.
                 e.__traceback__ = None
-                raise PoolFailure(e, dispatched, completed) from e
+                raise PoolFailure(e, dispatched, completed, deaths_from) from e
             raise
         finally:
             _stop_outputs(outputs, started_in)
             if dispatched - completed and self.serialized:  # results files of chunks nobody read
                 _results.sweep(plan.spec[7].call, _results_folders(self.handle))
 
-    def _decode(self, out: Any) -> tuple[int, list[Any], bool, bool]:
+    def _decode(self, out: Any, board: Board | None) -> tuple[int, list[Any], bool, bool]:
         if not self.serialized:
             return out  # type: ignore[no-any-return]
         try:
-            return _results.load(out)  # type: ignore[no-any-return]
+            first, results, mutated, had_error = _results.load(out)
+            if isinstance(results, Logged):  # the results are in the chunk's log (_board)
+                if board is None:
+                    msg = "a chunk logged its results but this run has no board"
+                    raise internal_error(msg)
+                n = results.n
+                results = board.read_log(first, n)
+                if len(results) != n:
+                    msg = f"the log of the chunk at item {first} holds {len(results)} of its {n} results"
+                    raise internal_error(msg)
+            return first, results, mutated, had_error
+        except ParallelMethodsError:
+            raise
         except Exception as e:
             msg = (
                 f"the results of {self.plan.label} could not be rebuilt in the caller "

@@ -15,11 +15,11 @@ import uuid
 from parallelmethods import parallelizable
 
 
-def runs(directory: str) -> dict[int, int]:
-    """How many times each item ran, from the files in ``directory``."""
+def runs(directory: str, what: str = "run") -> dict[int, int]:
+    """How many times each item ran (``what="end"``: ran to its end), from the files in ``directory``."""
     counts: dict[int, int] = {}
     for name in os.listdir(directory):
-        if name.startswith("run-"):
+        if name.startswith(f"{what}-"):
             item = int(name.split("-")[1])
             counts[item] = counts.get(item, 0) + 1
     return counts
@@ -52,6 +52,8 @@ class Crasher:
                     pass
                 time.sleep(self.delay)
                 os._exit(1)
+        with open(os.path.join(self.dir, f"end-{x}-{uuid.uuid4().hex}"), "w"):
+            pass
         return 10 * x
 
 
