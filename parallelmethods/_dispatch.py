@@ -423,8 +423,8 @@ def run_chunk(
     except BaseException as failure:  # noqa: BLE001 - every item of the chunk gets the named error
         err = _rebuild_error(ctx, failure)
         count = len(items) if on_error == "return" else 1
-        out = (first, [_capture(first + i, err, serialized) for i in range(count)], False, True)
-        return _pack(out, serialized, handle, ctx)
+        failed = (first, [_capture(first + i, err, serialized) for i in range(count)], False, True)
+        return _pack(failed, serialized, handle, ctx)
     log = wboard.open_log(first) if wboard is not None else None
     try:
         out: tuple[int, Any, bool, bool] = _run_items(subject, spec, first, items, serialized, wboard, log, handle)
@@ -499,7 +499,7 @@ def _pack_one(index: int, result: Any, handle: Any, ctx: Any) -> Any:
         return _results.pack(_result_or_error(index, result), handle, ctx)
 
 
-def _pack(out: tuple[int, list[Any], bool, bool], serialized: bool, handle: Any = None, ctx: Any = None) -> Any:
+def _pack(out: tuple[int, Any, bool, bool], serialized: bool, handle: Any = None, ctx: Any = None) -> Any:
     if not serialized:
         return out
     try:
