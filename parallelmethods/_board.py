@@ -103,6 +103,7 @@ class Board:
         self.n_items = n_items
         self._mm = mm
         self.watch = DeathWatch() if log and DeathWatch.available() else None
+        self._handed_off = False
 
     @classmethod
     def create(cls, base: int, n_items: int, log: bool) -> Board | None:
@@ -133,8 +134,9 @@ class Board:
         """Ask the workers to skip every item they have not started."""
         self._mm[0] = _STOPPED
 
-    def clear_stop(self) -> None:
-        self._mm[0] = 0
+    def hand_off(self) -> None:
+        """A drain thread now owns the board: only its ``close(final=True)`` removes it."""
+        self._handed_off = True
 
     def states(self, first: int, n: int) -> tuple[int, ...]:
         """Per item: 0 not started, pid running, -pid ended."""
@@ -207,7 +209,9 @@ class Board:
                 found |= {pid for pid, code in hit.items() if code is not None and code not in killed}
         return [i for i, pid in running.items() if pid in found] or None
 
-    def close(self) -> None:
+    def close(self, final: bool = False) -> None:
+        if self._handed_off and not final:
+            return  # tasks still running read the stop flag; the drain thread closes
         if self.watch is not None:
             self.watch.stop()
         with contextlib.suppress(Exception):
@@ -376,6 +380,18 @@ class ChunkLog:
 _attached: WorkerBoard | None = None
 
 
+class _Gone:
+    """The board of a run that has ended: every task of it is stopped."""
+
+    log = False
+
+    def stopped(self) -> bool:
+        return True
+
+
+_GONE: Any = _Gone()
+
+
 def attach(ref: BoardRef | None) -> WorkerBoard | None:
     """This worker's view of the board ``ref``; one board stays mapped per process."""
     global _attached
@@ -386,8 +402,10 @@ def attach(ref: BoardRef | None) -> WorkerBoard | None:
         return current
     try:
         fd = os.open(ref.path, os.O_RDWR)
+    except FileNotFoundError:
+        return _GONE  # removed: the caller has finished with this run
     except OSError:
-        return None  # removed: the caller has finished with this run
+        return None
     try:
         mm = mmap.mmap(fd, 0)
     except (OSError, ValueError):

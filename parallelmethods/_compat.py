@@ -383,6 +383,19 @@ def register_cloudpickle_reducer(cls: type, reducer: object) -> None:
             table[cls] = reducer
 
 
+def set_parallel_timeout(parallel: Any, seconds: float) -> None:
+    """Give a running ``joblib.Parallel`` a new ``timeout``, read by its result loop from now on.
+
+    Why: a stopped run is drained in the background (_runner._drain_outputs)
+    and must not wait forever on an item that never ends. ``timeout`` is a
+    constructor argument; that ``Parallel._retrieve`` reads ``self.timeout``
+    again at each poll (``get_status(timeout=self.timeout)``) is joblib's
+    internal behaviour (1.5.0 to 1.6.0). tests/test_compat.py sets it on a
+    running generator and expects the TimeoutError.
+    """
+    parallel.timeout = seconds
+
+
 def is_executor_shutdown(err: BaseException) -> bool:
     """Whether ``err`` says the loky executor was shut down under a running call.
 

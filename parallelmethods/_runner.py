@@ -46,7 +46,7 @@ from joblib import Parallel, delayed
 
 from . import _results
 from ._board import Board, Logged
-from ._compat import add_note
+from ._compat import add_note, set_parallel_timeout
 from ._dispatch import RemoteError, run_chunk
 from ._options import Options, check_timeout_per_item
 from ._plan import Plan, plan_for
@@ -144,6 +144,7 @@ class _Executor:
         )
         outputs: Any = None
         started_in = threading.get_ident()
+        broken = False  # the pool failed: nothing is left to drain
         try:
             # "list" (multiprocessing) raises here; generators raise while iterated.
             outputs = parallel(tasks())
@@ -151,10 +152,12 @@ class _Executor:
                 decoded = self._decode(out, board)
                 completed.add(decoded[0])
                 yield decoded
+            outputs = None  # read to the end
         except ParallelMethodsError:
             raise
         except Exception as e:
             if is_pool_failure(e):
+                broken = True
                 # loky keeps the error that broke its executor (executor_flags)
                 # until the next one starts; its traceback would keep these
                 # frames, this call's plan and so `self` alive until then.
@@ -162,9 +165,17 @@ class _Executor:
                 raise PoolFailure(e, dispatched, completed, deaths_from) from e
             raise
         finally:
-            _stop_outputs(outputs, started_in)
-            if dispatched - completed and self.serialized:  # results files of chunks nobody read
-                _results.sweep(plan.spec[7].call, _results_folders(self.handle))
+            folders = _results_folders(self.handle)
+
+            def sweep() -> None:
+                if dispatched - completed and self.serialized:  # results files of chunks nobody read
+                    _results.sweep(plan.spec[7].call, folders)
+
+            if not broken and _drain_outputs(parallel, outputs, started_in, board, sweep):
+                pass  # the drain thread sweeps and closes the board when the run has ended
+            else:
+                _stop_outputs(outputs, started_in)
+                sweep()
 
     def _decode(self, out: Any, board: Board | None) -> tuple[int, list[Any], bool, bool]:
         if not self.serialized:
@@ -225,6 +236,49 @@ def _stop_outputs(outputs: Any, started_in: int) -> None:
         outputs.throw(_StopEarly())
     except (_StopEarly, StopIteration):
         pass
+
+
+#: How long a stopped run may take to end on its own (its workers finish the
+#: item they are running) before joblib aborts it, killing loky's workers.
+DRAIN_SECONDS = 0.25
+
+
+def _drain_outputs(
+    parallel: Any, outputs: Any, started_in: int, board: Board | None, sweep: Callable[[], None]
+) -> bool:
+    """Stop a run we no longer read without killing loky's warm workers; False if it cannot be.
+
+    Why: stopping joblib's generator aborts the run, and on loky that kills
+    every worker, so the next map pays a cold start (self rebuilt in fresh
+    processes) after any error with ``on_error="raise"`` or an abandoned
+    ``imap``. Instead the board's stop flag is raised: tasks not started
+    return at once, running ones end after their current item. A daemon
+    thread reads the run to its end; if a worker is still busy after
+    :data:`DRAIN_SECONDS`, joblib's own timeout aborts the run (as before).
+    The caller does not wait: the error is raised, or ``close()`` returns, now.
+    Only for runs with a board on a backend that returns a generator (loky
+    and other local process backends), stopped in the thread that started them.
+    """
+    if board is None or outputs is None or not hasattr(outputs, "throw"):
+        return False
+    if threading.get_ident() != started_in:
+        return False
+    board.stop()
+    board.hand_off()
+    set_parallel_timeout(parallel, DRAIN_SECONDS)
+
+    def drain() -> None:
+        try:
+            for _ in outputs:
+                pass
+        except BaseException:  # noqa: BLE001 - the timeout's abort, a broken pool: the run is over either way
+            pass
+        finally:
+            sweep()
+            board.close(final=True)
+
+    threading.Thread(target=drain, name="parallelmethods-drain", daemon=True).start()
+    return True
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -85,3 +85,25 @@ class Exiter:
         if x == 2:
             sys.exit(3)
         return x
+
+
+class Warm:
+    """``pid(x)`` says which worker ran it; ``fail(x)`` raises on ``bad`` and sleeps ``nap`` seconds on ``slow``."""
+
+    def __init__(self, bad: int = 3, slow: int = -1, nap: float = 0.0) -> None:
+        self.bad = bad
+        self.slow = slow
+        self.nap = nap
+        self.ballast = list(range(200_000))  # a self worth keeping warm
+
+    @parallelizable
+    def pid(self, x: int) -> int:
+        time.sleep(0.01)
+        return os.getpid()
+
+    @parallelizable
+    def fail(self, x: int) -> int:
+        if x == self.bad:
+            raise ValueError(f"bad {x}")
+        time.sleep(self.nap if x == self.slow else 0.02)
+        return os.getpid()

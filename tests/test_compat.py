@@ -367,3 +367,25 @@ def test_multiprocessing_survives_rays_pool_patch() -> None:
         assert PicklingPool.__bases__ == (multiprocessing.pool.Pool,)
     finally:
         PicklingPool.__bases__ = (multiprocessing.pool.Pool,)
+
+
+def test_a_running_parallel_reads_its_new_timeout() -> None:
+    """Parallel's result loop reads ``self.timeout`` at each poll: a timeout set on a running generator ends it."""
+    import multiprocessing
+    import time
+
+    from joblib import Parallel, delayed
+
+    parallel = Parallel(n_jobs=2, backend="loky", return_as="generator_unordered")
+    outputs = parallel(delayed(time.sleep)(s) for s in (0.0, 30.0))
+    next(outputs)  # running: the 30 s task is in a worker
+    _compat.set_parallel_timeout(parallel, 0.3)
+    t0 = time.monotonic()
+    try:
+        for _ in outputs:
+            pass
+    except (TimeoutError, multiprocessing.TimeoutError):
+        pass
+    else:  # pragma: no cover - what this test guards against
+        raise AssertionError("the new timeout was not read: the run waited for the 30 s task")
+    assert time.monotonic() - t0 < 10

@@ -351,3 +351,40 @@ def test_no_placeholder_when_the_machine_is_broken(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(_recovery.Recovery, "_next_run", lambda self: [])
     with pytest.raises(ParallelMethodsError, match="internal error"):
         C.Exiter().run.map([0, 1], backend="threading", n_jobs=N)
+
+
+# ----------------------------------------------------------------------------
+# A run stopped on purpose (an error, a closed imap) keeps loky's workers warm.
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_map_keeps_loky_workers_warm() -> None:
+    """on_error='raise' and a method error: the map raises, and the next map runs on the same (warm) loky workers."""
+    w = C.Warm()
+    before = set(w.pid.map(range(16), backend="loky", n_jobs=N, batch_size=1))
+    with pytest.raises(ValueError, match="bad 3"):
+        w.fail.map(range(40), backend="loky", n_jobs=N, batch_size=1)
+    after = set(w.pid.map(range(16), backend="loky", n_jobs=N, batch_size=1))
+    assert after <= before, "the failing map killed loky's workers"
+    it = w.pid.imap(range(100), backend="loky", n_jobs=N, batch_size=1)
+    next(it)
+    it.close()  # type: ignore[attr-defined]
+    assert set(w.pid.map(range(16), backend="loky", n_jobs=N, batch_size=1)) <= before
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_map_does_not_wait_for_a_long_item() -> None:
+    """An item still running long after the error: the map raises at once; the run is aborted after DRAIN_SECONDS."""
+    import time
+
+    from parallelmethods._runner import DRAIN_SECONDS
+
+    w = C.Warm(bad=3, slow=0, nap=60.0)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="bad 3"):
+        w.fail.map(range(8), backend="loky", n_jobs=N, batch_size=1)
+    assert time.monotonic() - t0 < 30
+    t0 = time.monotonic()
+    assert len(w.pid.map(range(4), backend="loky", n_jobs=N)) == 4
+    assert time.monotonic() - t0 < 20 + DRAIN_SECONDS  # the 60 s item was stopped, not waited for
