@@ -389,7 +389,7 @@ class _Gone:
         return True
 
 
-_GONE: Any = _Gone()
+_GONE: WorkerBoard = _Gone()  # type: ignore[assignment]
 
 
 def attach(ref: BoardRef | None) -> WorkerBoard | None:
