@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="run only these result/cold-start rows, comma-separated: W6,W6b,W7 (no JSON, no chart)",
+        help="run only these rows, comma-separated: W6,W6b,W7,W8,W5f (no JSON, no chart)",
     )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "latest.json"))
     parser.add_argument("--chart", default=os.path.join(ROOT, "docs", "benchmark.png"))
@@ -778,10 +778,12 @@ def _chart(workloads: list[Workload], path: str) -> None:
 # --------------------------------------------------------------------------
 # W6 / W6b: results coming back (large arrays; ~1 MB of plain data per item).
 # W7: cold start, measured as whole fresh processes.
-# Run alone with: python benchmarks/run.py --only W6,W6b,W7 [--quick]
+# W8: one transient worker crash in 200 items of ~10 ms (retries=1).
+# W5f: warm after a failure: W5 with a failing call in the middle.
+# Run alone with: python benchmarks/run.py --only W6,W6b,W7,W8,W5f [--quick]
 # --------------------------------------------------------------------------
 
-RESULT_ROWS = ("W6", "W6b", "W7")
+RESULT_ROWS = ("W6", "W6b", "W7", "W8", "W5f")
 
 
 class ResultMaker:
@@ -934,17 +936,124 @@ def run_w7(mode: str) -> dict[str, Any]:
     }
 
 
+class Transient:
+    """``work(i)``: ~``seconds`` of CPU; on item ``crash_at`` the first run ends its worker (``os._exit``) half-way."""
+
+    def __init__(self, seconds: float, crash_at: int, folder: str, crash: bool) -> None:
+        self.seconds = seconds
+        self.crash_at = crash_at
+        self.folder = folder
+        self.crash = crash
+
+    def _burn(self, seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    @parallelizable
+    def work(self, i: int) -> int:
+        marker = os.path.join(self.folder, "crashed")
+        if self.crash and i == self.crash_at and not os.path.exists(marker):
+            with open(marker, "w"):
+                pass
+            self._burn(self.seconds / 2)
+            os._exit(1)
+        self._burn(self.seconds)
+        with open(os.path.join(self.folder, f"end-{i}-{os.getpid()}-{time.perf_counter_ns()}"), "w"):
+            pass
+        return i
+
+
+def run_w8(mode: str) -> dict[str, Any]:
+    """W8: 200 items of ~10 ms, one worker dies once (retries=1): total vs a clean run; items that ended twice."""
+    import tempfile
+
+    n_items = {"smoke": 40, "quick": 200, "full": 200}[mode]
+    repeats = {"smoke": 1, "quick": 2, "full": 3}[mode]
+    items = list(range(n_items))
+    times: dict[str, list[float]] = {}
+    twice: dict[str, int] = {}
+    for repeat in range(repeats):
+        for backend in ("loky", "multiprocessing"):
+            for crash in (False, True):
+                name = f"pm {backend} {'one crash' if crash else 'clean'}"
+                with tempfile.TemporaryDirectory() as folder:
+                    obj = Transient(0.01, n_items // 2, folder, crash)
+                    t0 = time.perf_counter()
+                    got = obj.work.map(items, backend=backend, n_jobs=WORKERS, retries=1)
+                    times.setdefault(name, []).append(time.perf_counter() - t0)
+                    if got != items:
+                        raise AssertionError(f"W8/{name}: results differ from the plain loop")
+                    ends: dict[int, int] = {}
+                    for f in os.listdir(folder):
+                        if f.startswith("end-"):
+                            ends[int(f.split("-")[1])] = ends.get(int(f.split("-")[1]), 0) + 1
+                    twice[name] = max(twice.get(name, 0), sum(1 for c in ends.values() if c > 1))
+                print(f"  W8   {name:30} {times[name][-1]:8.3f}s  (items that ended twice: {twice[name]})", flush=True)
+    med = {m: statistics.median(v) for m, v in times.items()}
+    lines = [f"  {'backend':16} {'clean s':>8} {'one crash s':>12} {'crash/clean':>12} {'items ended twice':>18}"]
+    for backend in ("loky", "multiprocessing"):
+        clean, crash = med[f"pm {backend} clean"], med[f"pm {backend} one crash"]
+        lines.append(
+            f"  {backend:16} {clean:8.3f} {crash:12.3f} {crash / clean:12.2f} {twice[f'pm {backend} one crash']:18}"
+        )
+    return {
+        "title": f"{n_items} items of ~10 ms, one worker dies once (retries=1), target crash/clean <= 1.5",
+        "median_s": med,
+        "ended_twice": twice,
+        "lines": lines,
+    }
+
+
+def run_w5f(mode: str) -> dict[str, Any]:
+    """W5f: the W3b object: a first (cold) call, a warm call, a failing call, then the call after the failure."""
+    s = _sizes(mode)
+    obj = DictHolder(s["w3b"])
+    items = list(range(s["w5_items"]))
+    expected = m_loop(obj, items)
+    failing = [*items[: len(items) // 2], None, *items[len(items) // 2 :]]  # None: a TypeError in lookup
+    run = _pm("loky")
+    _kill_idle_workers()
+    t: dict[str, float] = {}
+    for step in ("first call", "warm call", "failing call", "call after the failure", "one more"):
+        t0 = time.perf_counter()
+        if step == "failing call":
+            try:
+                run(obj, failing)
+            except TypeError:
+                pass
+            else:
+                raise AssertionError("W5f: the failing call did not raise")
+        elif run(obj, items) != expected:
+            raise AssertionError(f"W5f/{step}: results differ from the plain loop")
+        t[step] = time.perf_counter() - t0
+        print(f"  W5f  {step:30} {t[step]:8.3f}s", flush=True)
+    ratio = t["call after the failure"] / t["first call"]
+    return {
+        "title": "pm loky, the W3b object: call after a failing call vs the first call (target <= 0.25)",
+        "median_s": t,
+        "after_failure_over_first": ratio,
+        "lines": [f"  {k:32} {v:10.3f}" for k, v in t.items()]
+        + [f"  call after the failure / first call: {ratio:.2f}"],
+    }
+
+
 def run_result_rows(mode: str, only: list[str]) -> dict[str, Any]:
     rows: dict[str, Any] = {}
+    special = {"W7": run_w7, "W8": run_w8, "W5f": run_w5f}
     for name in only:
         print(f"{name}:", flush=True)
-        rows[name] = run_w7(mode) if name == "W7" else run_results_row(name, mode)
+        rows[name] = special[name](mode) if name in special else run_results_row(name, mode)
     return rows
 
 
 def result_rows_report(rows: dict[str, Any]) -> str:
     lines = []
     for name, row in rows.items():
+        if "lines" in row:
+            lines.append(f"\n{name}: {row['title']}")
+            lines.extend(row["lines"])
+            continue
         med = row["median_s"]
         anchor = "naive joblib" if name == "W7" else "joblib delayed(obj.method)"
         lines.append(
