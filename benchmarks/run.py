@@ -973,7 +973,7 @@ def run_w8(mode: str) -> dict[str, Any]:
     items = list(range(n_items))
     times: dict[str, list[float]] = {}
     twice: dict[str, int] = {}
-    for repeat in range(repeats):
+    for _ in range(repeats):
         for backend in ("loky", "multiprocessing"):
             for crash in (False, True):
                 name = f"pm {backend} {'one crash' if crash else 'clean'}"
