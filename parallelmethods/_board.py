@@ -79,9 +79,46 @@ class BoardRef:
 
 @dataclass(frozen=True)
 class Logged:
-    """A chunk's results are the ``n`` records of its log (they are not in the task's return value)."""
+    """A chunk's results are the ``n`` records of the log at ``path`` (not in the task's return value)."""
 
     n: int
+    path: str
+
+    def load(self) -> list[Any]:
+        """The results, in order (the log is removed); a short log is an internal error."""
+        values = read_log(self.path, self.n)
+        if len(values) != self.n:
+            from ._recovery import internal_error
+
+            msg = f"the log {os.path.basename(self.path)} holds {len(values)} of its {self.n} results"
+            raise internal_error(msg)
+        return values
+
+
+def read_log(path: str, n: int | None = None) -> list[Any]:
+    """The results a chunk log holds (complete records only, at most ``n``); the log is removed."""
+    from . import _results
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        data = b""
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    values: list[Any] = []
+    at = 0
+    while at + _LEN.size <= len(data) and (n is None or len(values) < n):
+        (size,) = _LEN.unpack_from(data, at)
+        end = at + _LEN.size + size
+        if end > len(data):
+            break  # the worker died while writing this record
+        record = data[at + _LEN.size : end]
+        packed = pickle.loads(record[1:]) if record[:1] == b"O" else record[1:]
+        values.append(_results.load(packed))
+        at = end
+    return values
 
 
 def _log_path(board_path: str, first: int) -> str:
@@ -142,37 +179,11 @@ class Board:
         """Per item: 0 not started, pid running, -pid ended."""
         return struct.unpack_from(f"<{n}i", self._mm, _HEADER + 4 * (first - self.base))
 
-    def read_log(self, first: int, n: int | None = None) -> list[Any]:
-        """The results logged for the chunk starting at ``first`` (complete records only), then its log goes."""
-        from . import _results
-
-        path = _log_path(self.path, first)
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            data = b""
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        values: list[Any] = []
-        at = 0
-        while at + _LEN.size <= len(data) and (n is None or len(values) < n):
-            (size,) = _LEN.unpack_from(data, at)
-            end = at + _LEN.size + size
-            if end > len(data):
-                break  # the worker died while writing this record
-            record = data[at + _LEN.size : end]
-            packed = pickle.loads(record[1:]) if record[:1] == b"O" else record[1:]
-            values.append(_results.load(packed))
-            at = end
-        return values
-
     def salvage(self, first: int, n: int) -> list[Any]:
         """Results a worker finished for the chunk at ``first`` before the run failed."""
         if not self.ref.log:
             return []
-        return self.read_log(first, n)
+        return read_log(_log_path(self.path, first), n)
 
     def culprits(
         self, items: list[int], since: int, known: tuple[int, ...] = (), wait: float = 0.5
@@ -354,11 +365,12 @@ class WorkerBoard:
 class ChunkLog:
     """Append-only records of one chunk's results, each written whole with one ``write``."""
 
-    __slots__ = ("_fd", "ok")
+    __slots__ = ("_fd", "ok", "path")
 
     def __init__(self, path: str) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         self.ok = True
+        self.path = path
 
     def add(self, packed: Any) -> None:
         if not self.ok:

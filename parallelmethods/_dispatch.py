@@ -431,7 +431,7 @@ def run_chunk(
         if log is not None and log.ok:
             # Every result is in the log already (written as each item ended,
             # so a crash later in the chunk loses none): send only the count.
-            out = (out[0], _board.Logged(len(out[1])), out[2], out[3])
+            out = (out[0], _board.Logged(len(out[1]), log.path), out[2], out[3])
         return _pack(out, serialized, handle, ctx)
     finally:
         if log is not None:

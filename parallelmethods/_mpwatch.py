@@ -33,6 +33,7 @@ from ._compat import (
     pool_processes,
     undo_ray_pool_patch,
 )
+from ._results import OutOfBand, decode
 
 __all__ = ["WatchedMultiprocessingBackend", "WorkerDied"]
 
@@ -111,7 +112,14 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[mis
     def retrieve_result_callback(self, result: Any) -> Any:
         if isinstance(result, _Died):
             raise WorkerDied(result.exitcodes, result.pids)
-        return super().retrieve_result_callback(result)
+        out = super().retrieve_result_callback(result)
+        # Rebuild each chunk's results here, in the pool's result thread, as
+        # they arrive: joblib gives the main thread a multiprocessing run's
+        # results only when the whole run ends, so decoding there would add
+        # to the run's time instead of overlapping the workers' (W6b).
+        if isinstance(out, list):
+            out = [decode(o) if isinstance(o, (bytes, OutOfBand)) else o for o in out]
+        return out
 
     def _watch(self, pool: Any, stop: threading.Event, seen: list[Any]) -> None:
         while not stop.wait(POLL_SECONDS):

@@ -149,7 +149,7 @@ class _Executor:
             # "list" (multiprocessing) raises here; generators raise while iterated.
             outputs = parallel(tasks())
             for out in outputs:
-                decoded = self._decode(out, board)
+                decoded = self._decode(out)
                 completed.add(decoded[0])
                 yield decoded
             outputs = None  # read to the end
@@ -177,21 +177,17 @@ class _Executor:
                 _stop_outputs(outputs, started_in)
                 sweep()
 
-    def _decode(self, out: Any, board: Board | None) -> tuple[int, list[Any], bool, bool]:
+    def _decode(self, out: Any) -> tuple[int, list[Any], bool, bool]:
         if not self.serialized:
             return out  # type: ignore[no-any-return]
+        # The multiprocessing backend decodes in the pool's result thread (_mpwatch).
+        decoded = out if isinstance(out, _results.Decoded) else _results.decode(out)
         try:
-            first, results, mutated, had_error = _results.load(out)
+            if decoded.error is not None:
+                raise decoded.error
+            first, results, mutated, had_error = decoded.value
             if isinstance(results, Logged):  # the results are in the chunk's log (_board)
-                if board is None:
-                    msg = "a chunk logged its results but this run has no board"
-                    raise internal_error(msg)
-                n = results.n
-                results = board.read_log(first, n)
-                if len(results) != n:
-                    msg = f"the log of the chunk at item {first} holds {len(results)} of its {n} results"
-                    raise internal_error(msg)
-            return first, results, mutated, had_error
+                results = results.load()
         except ParallelMethodsError:
             raise
         except Exception as e:
@@ -201,6 +197,7 @@ class _Executor:
                 "Return plain data, or use backend='threading'."
             )
             raise ParallelMethodsError(msg) from e
+        return first, results, mutated, had_error
 
 
 def _results_folders(handle: Any) -> list[str]:

@@ -123,7 +123,9 @@ def test_pack_and_load_round_trip_in_process() -> None:
         value = (0, [_shape(i) for i in range(6)], False, False)
         out = _results.pack(value, handle, ctx)
         assert isinstance(out, _results.OutOfBand)
-        assert len(out.paths) == 4  # kinds 0, 1, 2 and 5's float32: large and contiguous
+        # kinds 0, 1, 2 and 5's float32: large and contiguous; the 1.6 MB stream
+        # (non-contiguous arrays stay in it) is a file of its own too.
+        assert len(out.paths) == 4 + out.main_in_file and out.main_in_file
         assert all(os.path.exists(p) for p in out.paths)
         _first, got, _, _ = _results.load(out)
         assert not any(os.path.exists(p) for p in out.paths)  # unlinked once mapped
@@ -131,6 +133,24 @@ def test_pack_and_load_round_trip_in_process() -> None:
         got[0][:] = -1  # writable and private
         assert (got[0] == -1).all() and (value[1][0] == 0).all()
         assert got[1].flags.f_contiguous and got[1].flags.writeable
+    finally:
+        os.rmdir(folder)
+
+
+def test_large_plain_data_stream_comes_back_in_a_file() -> None:
+    """~2 MB of lists and tuples (no buffer): the pickle stream itself travels in a file, not the pipe."""
+    from joblib.externals.loky.backend.resource_tracker import ensure_running
+
+    ensure_running()
+    folder = tempfile.mkdtemp()
+    try:
+        handle = FileHandle(os.path.join(folder, f"parallelmethods-{os.getpid()}-x.pkl"), "k", 0, ())
+        ctx = CallContext("abc124", os.getcwd(), tuple(sys.path), True)
+        value = (0, [[(j, j * 0.5, f"row{j}") for j in range(50_000)]], False, False)
+        out = _results.pack(value, handle, ctx)
+        assert isinstance(out, _results.OutOfBand) and out.main_in_file and out.main == b""
+        assert _results.load(out) == value
+        assert not any(os.path.exists(p) for p in out.paths)
     finally:
         os.rmdir(folder)
 
@@ -207,8 +227,9 @@ if sys.argv[1] == "loky":  # results are read as they come: read one, then stop 
     it = Maker().array.imap(range(8), backend="loky", n_jobs=2, batch_size=1, ordered=False)
     next(it)
     time.sleep(120)
-else:  # results are read once all are in: the last item never comes
-    Maker().slow_last.partial(last=3).map(range(4), backend=sys.argv[1], n_jobs=2, batch_size=1)
+else:  # multiprocessing reads each chunk as it arrives: with on_error="return" item 0's
+    # result is logged (its array in a file) as it ends, and item 1 of its chunk never ends
+    Maker().slow_last.partial(last=1).map(range(2), backend=sys.argv[1], n_jobs=2, batch_size=2, on_error="return")
 """
 
 
@@ -234,6 +255,15 @@ def test_killed_caller_leaves_no_result_files(backend: str) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     deadline = time.monotonic() + 15
-    while _leftovers(proc.pid) and time.monotonic() < deadline:
+    while (_leftovers(proc.pid) or _board_files(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _leftovers(proc.pid) == []
+    assert _board_files(proc.pid) == []
+
+
+def _board_files(pid: int) -> list[str]:
+    found = []
+    for folder in {"/dev/shm", tempfile.gettempdir()}:
+        if os.path.isdir(folder):
+            found += [n for n in os.listdir(folder) if n.startswith(f"parallelmethods-{pid}-b")]
+    return found
