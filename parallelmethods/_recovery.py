@@ -22,47 +22,53 @@ FAILED     lost to the pool for good: a ``WorkerCrashedError`` /
 Transitions happen only in :meth:`Recovery._move`. A *pool failure* is a
 worker that died (``os._exit``, a signal, the OOM killer) or a task that ran
 past ``timeout=``; it aborts the whole run, and every chunk that was sent
-but whose result had not reached the caller is *lost* (we cannot tell which
-of them were running, nor which item killed the worker). Then:
+but whose result had not reached the caller is *lost*. Then, in order:
 
-- a chunk never handed to the pool goes back to PENDING as it was;
-- another call in this process stopped loky's shared executor under this one
-  (its timeout or its error aborts it): every running unit goes back to
-  PENDING with no loss and runs again, at most :data:`MAX_STOPPED` times.
-  (A worker *crash* in another call breaks the shared pool too, and cannot
-  be told from one of ours: it is a loss like any other, which ``retries=``
-  recovers);
-- several items lost together (an *ambiguous* loss): each becomes its own
-  unit, marked *alone*, back to PENDING. Units marked alone run one at a
-  time, one item per task, with nothing else in the pool, so a later loss
-  is certainly that item's own. The ambiguous loss counts as one loss of
-  every item in it, but never fails an item by itself;
-- one item lost alone: its own loss. It runs again, alone, while its losses
-  are at most ``retries``; then it is FAILED (``on_error="return"``) or the
-  call raises (``on_error="raise"``).
+1. *salvage* (the board, ``_board.py``, local process routes with recovery
+   on): the items a lost chunk's worker finished before the failure are in
+   its log; they are DONE (a chunk is cut in two: the logged part and the
+   rest), never run again;
+2. another call in this process stopped loky's shared executor under this
+   one (its timeout or its error aborts it): every running unit goes back
+   to PENDING with no loss and runs again, at most :data:`MAX_STOPPED`
+   times. (A worker *crash* in another call breaks the shared pool too, and
+   cannot be told from one of ours: it is a loss like any other, which
+   ``retries=`` recovers);
+3. a chunk never handed to the pool goes back to PENDING as it was;
+4. *culprits* (the board, a crash, not a timeout): the items that the first
+   dead worker(s) were running (their slot holds a dead pid) are cut out as
+   single units and take a loss each (LOST_ALONE below); every other lost
+   item is a BYSTANDER: back to PENDING, no loss, in the next batch;
+5. else (no board, or the board is not sure) several items lost together
+   (an *ambiguous* loss): each becomes its own unit, marked *alone*, back to
+   PENDING. Units marked alone run one at a time, one item per task, with
+   nothing else in the pool, so a later loss is certainly that item's own.
+   The ambiguous loss counts as one loss of every item in it, but never
+   fails an item by itself;
+6. one item lost alone (LOST_ALONE): its own loss. It runs again, alone,
+   while its losses are at most ``retries``; then it is FAILED
+   (``on_error="return"``) or the call raises (``on_error="raise"``).
 
 A method's own exception is never a loss and never re-runs. With
 ``on_error="raise"`` and ``retries=0`` there is no recovery: the first pool
 failure raises, naming every item in flight.
 
-Exact execution counts (a *run* is a task that contained the item; a run
-that was lost may have stopped before the item started):
+Exact execution counts (a *run* of an item is a time it started):
 
-- an item whose result reached the caller never runs again;
-- an item never sent before a failure runs once more, as part of a batch;
-- an item lost to the pool runs at most ``retries + 1`` times in all, with
-  one exception: with ``retries=0`` and ``on_error="return"``, an item lost
-  together with other in-flight items gets one run alone to tell whether it
-  is the culprit, so it runs at most twice;
-- hence an item that crashes its worker every time runs at most
-  ``max(retries + 1, 2)`` times when it was first lost in a batch, and
-  ``retries + 1`` times when it was first lost alone; an innocent item that
-  was merely in flight runs at most twice (once in the batch that died, once
-  alone) and gets its result.
-
-The cost of isolation: lost items re-run one at a time (one pool call each),
-so a crash while many items were in flight is slow to recover from, never
-wrong.
+- an item whose result reached the caller, or whose worker logged its
+  result before a crash, never runs again;
+- an item never started before a failure runs once more, in a batch;
+- with the board's culprit: an item that crashes its worker every time runs
+  at most ``retries + 1`` times; a bystander that was running when the pool
+  was killed runs again (no item runs to its end twice);
+- without it (dask, Ray, no pidfd, a worker that died outside an item,
+  timeouts): an item lost to the pool runs at most ``retries + 1`` times in
+  all, with one exception: with ``retries=0`` and ``on_error="return"``, an
+  item lost together with other in-flight items gets one run alone to tell
+  whether it is the culprit, so it runs at most twice; an innocent item
+  that was merely in flight runs at most twice (once in the batch that
+  died, once alone) and gets its result. Isolated items re-run one at a
+  time (one pool call each): slow, never wrong.
 
 End of a run: :meth:`Recovery.run` checks that every unit is DONE or FAILED
 and that the units cover every item exactly once; anything else is an
