@@ -57,6 +57,7 @@ import select
 import signal
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -86,7 +87,7 @@ class Logged:
 
     def load(self) -> list[Any]:
         """The results, in order (the log is removed); a short log is an internal error."""
-        values = read_log(self.path, self.n)
+        values = read_log(self.path, self.n, strict=True)
         if len(values) != self.n:
             from ._recovery import internal_error
 
@@ -95,8 +96,12 @@ class Logged:
         return values
 
 
-def read_log(path: str, n: int | None = None) -> list[Any]:
-    """The results a chunk log holds (complete records only, at most ``n``); the log is removed."""
+def read_log(path: str, n: int | None = None, strict: bool = False) -> list[Any]:
+    """The results a chunk log holds (complete records only, at most ``n``); the log is removed.
+
+    ``strict``: a record that cannot be rebuilt raises (a chunk that returned);
+    else what comes before it is what is salvaged.
+    """
     from . import _results
 
     try:
@@ -115,8 +120,13 @@ def read_log(path: str, n: int | None = None) -> list[Any]:
         if end > len(data):
             break  # the worker died while writing this record
         record = data[at + _LEN.size : end]
-        packed = pickle.loads(record[1:]) if record[:1] == b"O" else record[1:]
-        values.append(_results.load(packed))
+        try:
+            packed = pickle.loads(record[1:]) if record[:1] == b"O" else record[1:]
+            values.append(_results.load(packed))
+        except Exception:
+            if strict:
+                raise
+            break
         at = end
     return values
 
@@ -188,37 +198,60 @@ class Board:
     def culprits(
         self, items: list[int], since: int, known: tuple[int, ...] = (), wait: float = 0.5
     ) -> list[int] | None:
-        """The items of ``items`` whose worker died first since death ``since``; None when unsure.
+        """The items of ``items`` whose worker died on its own, first, since death ``since``; None when unsure.
 
         ``known``: pids the pool itself saw dead before it killed the others
         (our multiprocessing watchdog's ``WorkerDied.pids``); they come first.
+        Unsure (None) whenever a wrong answer is possible: a worker of ours
+        died outside an item, a running worker was never watched, or the
+        death in an item was a SIGKILL/SIGTERM (the OOM killer, or loky
+        killing a bystander: they look alike).
         """
         if not self.ref.log:
             return None
         running = {i: s for i in items if (s := self.states(i, 1)[0]) > 0}
-        deaths: list[dict[int, int | None]] = [dict.fromkeys(known, 0)] if known else []
-        if self.watch is not None:
-            deaths += self.watch.deaths_since(since, wait if running and not known else 0.0)
-        if self.watch is not None:
-            deaths = [self.watch.resolve(dead) for dead in deaths]
+        if not running:
+            return None
+        if known:
+            deaths: list[dict[int, int | None]] = [dict.fromkeys(known, 0)]
+        elif self.watch is not None and self.watch.watches(set(running.values())):
+            deaths = [self.watch.resolve(d) for d in self.watch.deaths_since(since, wait)]
+        else:
+            return None  # a running worker we never watched (or no pidfd): its death is unknown
         killed = (-signal.SIGKILL, -signal.SIGTERM)  # how loky / the multiprocessing pool end the others
         found: set[int] = set()
         for dead in deaths:
             hit = {pid: code for pid, code in dead.items() if pid in running.values()}
-            if not hit:
-                continue  # another child process (or an earlier run's worker) ended
             if not found:
-                # The first death: it died on its own. Seen together with
-                # others: those loky or the pool did not kill died on their own.
-                own = {pid for pid, code in hit.items() if len(hit) == 1 or code not in (*killed, None)}
-                if not own:
+                if not hit:
+                    if any(code not in killed for code in dead.values()):
+                        return None  # someone died on its own outside an item: maybe ours, while rebuilding self
+                    continue  # killed (an earlier pool's worker being stopped): not this run's crash
+                # The first death in an item: those that no one killed died on their own.
+                found = {pid for pid, code in hit.items() if code is not None and code not in killed}
+                if not found:
                     return None
-                found |= own
             else:
                 # Later deaths that no one caused (an exit code of their own)
                 # are culprits too: two items can crash two workers at once.
                 found |= {pid for pid, code in hit.items() if code is not None and code not in killed}
         return [i for i, pid in running.items() if pid in found] or None
+
+    def settle(self, items: list[int], timeout: float = 2.0) -> None:
+        """After a crash: wait until the workers that ran ``items`` are gone, then clear their slots.
+
+        Why: loky fails the run's futures first and kills the other workers
+        after; one still alive could mark an item of the next run, or a death
+        seen late could be taken for the next run's crash.
+        """
+        pids = {abs(s) for i in items if (s := self.states(i, 1)[0])}
+        deadline = time.monotonic() + timeout
+        while pids and time.monotonic() < deadline:
+            pids = {pid for pid in pids if _alive(pid) and not (self.watch and self.watch.saw_die(pid))}
+            if pids:
+                time.sleep(0.01)
+        for i in items:
+            struct.pack_into("<i", self._mm, _HEADER + 4 * (i - self.base), 0)
 
     def close(self, final: bool = False) -> None:
         if self._handed_off and not final:
@@ -254,6 +287,8 @@ class DeathWatch(threading.Thread):
         self._changed = threading.Condition()
         self._stop_event = threading.Event()
         self._procs: dict[int, Any] = {}  # pid -> its multiprocessing Process, for exit codes
+        self._watched: set[int] = set()  # pids with a pidfd, ever
+        self._dead: set[int] = set()  # pids seen dead
 
     def mark(self) -> int:
         with self._changed:
@@ -267,6 +302,15 @@ class DeathWatch(threading.Thread):
 
     def stop(self) -> None:
         self._stop_event.set()
+
+    def watches(self, pids: set[int]) -> bool:
+        """Whether every pid of ``pids`` has a pidfd here (a death we can see)."""
+        with self._changed:
+            return pids <= self._watched
+
+    def saw_die(self, pid: int) -> bool:
+        with self._changed:
+            return pid in self._dead
 
     def resolve(self, dead: dict[int, int | None]) -> dict[int, int | None]:
         """``dead`` with exit codes that were not known yet when the death was seen."""
@@ -297,6 +341,8 @@ class DeathWatch(threading.Thread):
                         continue  # already gone and reaped: not ours to judge
                     pids.add(proc.pid)
                     self._procs[proc.pid] = proc
+                    with self._changed:
+                        self._watched.add(proc.pid)
                     watched[fd] = (proc.pid, proc)
                     poller.register(fd, select.POLLIN)
                 ready = poller.poll(self.POLL_MS)
@@ -314,6 +360,7 @@ class DeathWatch(threading.Thread):
                     dead[pid] = code  # None: not reaped yet, unknown
                 with self._changed:
                     self._deaths.append(dead)
+                    self._dead.update(dead)
                     self._changed.notify_all()
         finally:
             for fd in watched:
@@ -329,9 +376,10 @@ class DeathWatch(threading.Thread):
 class WorkerBoard:
     """A worker's view of a board: the stop flag, the item marks, the chunk log."""
 
-    __slots__ = ("_mm", "_slots", "base", "log", "path", "pid")
+    __slots__ = ("_fd", "_mm", "_slots", "base", "log", "path", "pid")
 
-    def __init__(self, ref: BoardRef, mm: mmap.mmap) -> None:
+    def __init__(self, ref: BoardRef, mm: mmap.mmap, fd: int) -> None:
+        self._fd = fd  # kept: a board with no name left (nlink 0) is a run that has ended
         self.path = ref.path
         self.base = ref.base
         self.log = ref.log
@@ -341,6 +389,15 @@ class WorkerBoard:
 
     def stopped(self) -> bool:
         return self._mm[0] == _STOPPED
+
+    def ended_run(self) -> bool:
+        """The stop flag, or the caller has removed the board (its run is over): once per chunk."""
+        if self._mm[0] == _STOPPED:
+            return True
+        try:
+            return os.fstat(self._fd).st_nlink == 0
+        except OSError:
+            return True
 
     def started(self, index: int) -> None:
         self._slots[index - self.base] = self.pid
@@ -360,6 +417,8 @@ class WorkerBoard:
         self._slots.release()
         with contextlib.suppress(Exception):
             self._mm.close()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
 
 
 class ChunkLog:
@@ -389,6 +448,16 @@ class ChunkLog:
             os.close(self._fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 _attached: WorkerBoard | None = None
 
 
@@ -398,6 +467,9 @@ class _Gone:
     log = False
 
     def stopped(self) -> bool:
+        return True
+
+    def ended_run(self) -> bool:
         return True
 
 
@@ -421,12 +493,11 @@ def attach(ref: BoardRef | None) -> WorkerBoard | None:
     try:
         mm = mmap.mmap(fd, 0)
     except (OSError, ValueError):
-        return None
-    finally:
         os.close(fd)
+        return None
     if current is not None:
         current.release()
-    _attached = WorkerBoard(ref, mm)
+    _attached = WorkerBoard(ref, mm, fd)
     # If the caller dies, this worker's orphan watchdog removes the board and
     # the logs with the caller's other files (their names hold its pid).
     folder, name = os.path.split(ref.path)

@@ -368,6 +368,8 @@ class Recovery:
                 lost_firsts.add(rest.first)
             if salvaged is not None:
                 yield salvaged
+        if self.board is not None and self.board.ref.log:
+            self.executor.sweep_results()  # the logs are read: now unread result files can go
         running = [u for u in self.units.values() if u.state is State.RUNNING]
         if is_executor_shutdown(failure.error):
             self.stopped += 1
@@ -388,6 +390,8 @@ class Recovery:
             if unit.first not in lost_firsts:
                 self._move(unit, Event.UNSENT)
         culprits = self._culprits(failure, in_flight)
+        if self.board is not None and self.board.ref.log:
+            self.board.settle(in_flight)  # the broken pool's workers are gone before the next run
         if culprits:
             # The board names the item that killed the worker: only it takes a
             # loss; every other item in flight runs again, in the next batch.

@@ -29,6 +29,7 @@ with 64).
 
 from __future__ import annotations
 
+import atexit
 import collections.abc
 import contextlib
 import itertools
@@ -138,6 +139,7 @@ class _Executor:
                 dispatched.add(first)
                 yield delayed(run_chunk)(self.handle, self.spec, first, payload, self.serialized, self.blob, ref)
 
+        _join_drains()  # an earlier stopped run of this process ends first (it may share our backend)
         return_as = "generator_unordered" if plan.backend.supports_return_generator else "list"
         parallel = Parallel(
             n_jobs=plan.n_jobs, backend=plan.backend, batch_size=1, timeout=timeout, return_as=return_as
@@ -165,17 +167,22 @@ class _Executor:
                 raise PoolFailure(e, dispatched, completed, deaths_from) from e
             raise
         finally:
-            folders = _results_folders(self.handle)
 
             def sweep() -> None:
-                if dispatched - completed and self.serialized:  # results files of chunks nobody read
-                    _results.sweep(plan.spec[7].call, folders)
+                if dispatched - completed:
+                    self.sweep_results()
 
             if not broken and _drain_outputs(parallel, outputs, started_in, board, sweep):
                 pass  # the drain thread sweeps and closes the board when the run has ended
             else:
                 _stop_outputs(outputs, started_in)
-                sweep()
+                if not (broken and board is not None and board.ref.log):
+                    sweep()  # (after a crash, Recovery salvages the logs first, then sweeps)
+
+    def sweep_results(self) -> None:
+        """Remove the result files of chunks nobody read (an error, a crash, an abandoned imap)."""
+        if self.serialized:
+            _results.sweep(self.plan.spec[7].call, _results_folders(self.handle))
 
     def _decode(self, out: Any) -> tuple[int, list[Any], bool, bool]:
         if not self.serialized:
@@ -188,6 +195,8 @@ class _Executor:
             first, results, mutated, had_error = decoded.value
             if isinstance(results, Logged):  # the results are in the chunk's log (_board)
                 results = results.load()
+                # A result that could not be pickled became its error in the log.
+                had_error = had_error or any(type(v) is RemoteError for v in results)
         except ParallelMethodsError:
             raise
         except Exception as e:
@@ -273,9 +282,49 @@ def _drain_outputs(
         finally:
             sweep()
             board.close(final=True)
+            with _DRAINS_LOCK:
+                _DRAINS.pop(threading.current_thread(), None)
 
-    threading.Thread(target=drain, name="parallelmethods-drain", daemon=True).start()
+    thread = threading.Thread(target=drain, name="parallelmethods-drain", daemon=True)
+    with _DRAINS_LOCK:
+        _DRAINS[thread] = (board, sweep)
+    thread.start()
     return True
+
+
+#: Runs being drained, with what ends them (their board, their sweep).
+_DRAINS: dict[threading.Thread, tuple[Board, Callable[[], None]]] = {}
+_DRAINS_LOCK = threading.Lock()
+
+
+def _join_drains(timeout: float = DRAIN_SECONDS + 1.0) -> None:
+    """Wait (bounded) for stopped runs to end: they may share the backend instance a new run uses.
+
+    Why: under ``parallel_config(backend=...)`` every map gets the same joblib
+    backend instance, and a drain that ends (or aborts) resets it under a
+    run that started meanwhile.
+    """
+    with _DRAINS_LOCK:
+        for thread in [t for t in _DRAINS if not t.is_alive()]:
+            del _DRAINS[thread]
+        running = list(_DRAINS)
+    deadline = time.monotonic() + timeout
+    for thread in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
+
+
+@atexit.register
+def _end_drains() -> None:
+    """At exit, a drain still running gets its bounded time, then its files go anyway."""
+    _join_drains()
+    with _DRAINS_LOCK:
+        left = list(_DRAINS.values())
+        _DRAINS.clear()
+    for board, sweep in left:
+        with contextlib.suppress(Exception):
+            sweep()
+        with contextlib.suppress(Exception):
+            board.close(final=True)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -50,6 +50,9 @@ class _SimPool:
         self.ended: dict[int, int] = {}  # item -> runs that reached its end
         self.started: dict[int, int] = {}  # item -> runs that started it
 
+    def sweep_results(self) -> None:
+        pass
+
     def run(
         self, chunks: list[tuple[int, list[Any]]], timeout: float | None, board: Any = None
     ) -> Iterator[tuple[int, list[Any], bool, bool]]:
@@ -82,9 +85,15 @@ class _SimPool:
 class _SimBoard:
     """The two answers of _board.Board: logged results of a lost chunk, and the item that killed the worker."""
 
+    class ref:  # as Board.ref
+        log = True
+
     def __init__(self) -> None:
         self.logs: dict[int, list[Any]] = {}
         self.running: int | None = None
+
+    def settle(self, items: list[int]) -> None:
+        pass
 
     def salvage(self, first: int, n: int) -> list[Any]:
         return self.logs.pop(first, [])[:n]
