@@ -196,7 +196,7 @@ class Board:
         return read_log(_log_path(self.path, first), n)
 
     def culprits(
-        self, items: list[int], since: int, known: tuple[int, ...] = (), wait: float = 0.5
+        self, items: list[int], since: int, known: tuple[int, ...] = (), wait: float = 2.0
     ) -> list[int] | None:
         """The items of ``items`` whose worker died on its own, first, since death ``since``; None when unsure.
 
@@ -212,12 +212,18 @@ class Board:
         running = {i: s for i in items if (s := self.states(i, 1)[0]) > 0}
         if not running:
             return None
-        if known:
-            deaths: list[dict[int, int | None]] = [dict.fromkeys(known, 0)]
-        elif self.watch is not None and self.watch.watches(set(running.values())):
-            deaths = [self.watch.resolve(d) for d in self.watch.deaths_since(since, wait)]
-        else:
-            return None  # a running worker we never watched (or no pidfd): its death is unknown
+        deaths: list[dict[int, int | None]] = [dict.fromkeys(known, 0)] if known else []
+        pids = set(running.values()) - set(known)  # the running workers whose death we must see
+        if pids:
+            if self.watch is None or not self.watch.watches(pids):
+                return None  # a running worker we never watched (or no pidfd): its death is unknown
+            # The pool kills every other worker after a crash: once all of ours
+            # are seen dead, each one's exit code says whether it died on its own
+            # (two items can crash two workers at once; the pool saw the first).
+            if not self.watch.wait_dead(pids, wait):
+                return None
+        if self.watch is not None:
+            deaths += [self.watch.resolve(d) for d in self.watch.deaths_since(since, 0.0)]
         killed = (-signal.SIGKILL, -signal.SIGTERM)  # how loky / the multiprocessing pool end the others
         found: set[int] = set()
         for dead in deaths:
@@ -307,6 +313,17 @@ class DeathWatch(threading.Thread):
         """Whether every pid of ``pids`` has a pidfd here (a death we can see)."""
         with self._changed:
             return pids <= self._watched
+
+    def wait_dead(self, pids: set[int], timeout: float) -> bool:
+        """Wait until every pid of ``pids`` is seen dead; False if one still lives after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not pids <= self._dead:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._changed.wait(left)
+        return True
 
     def saw_die(self, pid: int) -> bool:
         with self._changed:

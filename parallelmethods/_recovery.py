@@ -60,7 +60,7 @@ Exact execution counts (a *run* of an item is a time it started):
 - an item never started before a failure runs once more, in a batch;
 - with the board's culprit: an item that crashes its worker every time runs
   at most ``retries + 1`` times; a bystander that was running when the pool
-  was killed runs again (no item runs to its end twice);
+  was killed runs again (an item whose result reached its log never does);
 - without it (dask, Ray, no pidfd, a worker that died outside an item,
   timeouts): an item lost to the pool runs at most ``retries + 1`` times in
   all, with one exception: with ``retries=0`` and ``on_error="return"``, an
