@@ -470,38 +470,61 @@ def _run_items(
     marks = wboard is not None and wboard.log
     # Why the stop checks stop early on a fast chunk: the flag costs ~40 ns an
     # item (4 ms a worker on W1's 200 000 squares), and a chunk whose first
-    # 8 items say it ends within ~20 ms need not be stopped half-way.
-    checks = wboard is not None
-    n_items = len(items)
-    started_at = time.perf_counter() if checks and not marks else 0.0
-    for item in items:
-        if checks:
-            if wboard.stopped():  # type: ignore[union-attr]
-                break  # the caller stopped reading: skip what has not started
+    # 8 items say it ends within ~20 ms need not be stopped half-way. The
+    # loop without board work is a separate, lean loop for the same reason.
+    rest = iter(items)
+    stopped = False
+    if wboard is not None:
+        n_items = len(items)
+        started_at = time.perf_counter()
+        for item in rest:
+            if wboard.stopped():
+                stopped = True  # the caller stopped reading: skip what has not started
+                break
             if marks:
-                wboard.started(index)  # type: ignore[union-attr]
-            elif index == first + 8 and (time.perf_counter() - started_at) * n_items < 8 * FAST_CHUNK_SECONDS:
-                checks = False  # the first 8 items say the chunk is short
-        failed = False
-        try:
-            # Two call shapes: several iterables/starmap give tuples; one
-            # iterable gives the argument itself (the hot path of map).
-            if star:
-                append(fn(*lead, *item, **fixed_kwargs))
-            else:
-                append(fn(*lead, item, **fixed_kwargs))
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - every method error travels back, SystemExit too
-            append(_capture(index, exc, serialized))
-            had_error = failed = True
-        if marks:
-            wboard.ended(index)  # type: ignore[union-attr]
-            if log is not None:
-                log.add(_pack_one(index, results[-1], handle, ctx))
-        if failed and on_error == "raise":
-            break
-        index += 1
+                wboard.started(index)
+            failed = False
+            try:
+                if star:
+                    append(fn(*lead, *item, **fixed_kwargs))
+                else:
+                    append(fn(*lead, item, **fixed_kwargs))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - every method error travels back, SystemExit too
+                append(_capture(index, exc, serialized))
+                had_error = failed = True
+            if marks:
+                wboard.ended(index)
+                if log is not None:
+                    log.add(_pack_one(index, results[-1], handle, ctx))
+            if failed and on_error == "raise":
+                stopped = True
+                break
+            index += 1
+            if (
+                not marks
+                and index == first + 8
+                and (time.perf_counter() - started_at) * n_items < 8 * FAST_CHUNK_SECONDS
+            ):
+                break  # the first 8 items say the chunk is short: the rest in the lean loop
+    if not stopped:
+        for item in rest:
+            try:
+                # Two call shapes: several iterables/starmap give tuples; one
+                # iterable gives the argument itself (the hot path of map).
+                if star:
+                    append(fn(*lead, *item, **fixed_kwargs))
+                else:
+                    append(fn(*lead, item, **fixed_kwargs))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - every method error travels back, SystemExit too
+                append(_capture(index, exc, serialized))
+                had_error = True
+                if on_error == "raise":
+                    break
+            index += 1
     mutated = bool(check_mutations) and _statecache.state_fingerprint(subject) != before
     return first, results, mutated, had_error
 
