@@ -225,6 +225,9 @@ class Board:
         if self.watch is not None:
             deaths += [self.watch.resolve(d) for d in self.watch.deaths_since(since, 0.0)]
         killed = (-signal.SIGKILL, -signal.SIGTERM)  # how loky / the multiprocessing pool end the others
+        # Unknown: not read yet, or 255, what multiprocessing reports for a
+        # forkserver child whose status it could not read.
+        unknown = (None, 255)
         found: set[int] = set()
         for dead in deaths:
             hit = {pid: code for pid, code in dead.items() if pid in running.values()}
@@ -234,13 +237,18 @@ class Board:
                         return None  # someone died on its own outside an item: maybe ours, while rebuilding self
                     continue  # killed (an earlier pool's worker being stopped): not this run's crash
                 # The first death in an item: those that no one killed died on their own.
-                found = {pid for pid, code in hit.items() if code is not None and code not in killed}
+                if any(code in unknown for code in hit.values()):
+                    return None
+                found = {pid for pid, code in hit.items() if code not in killed}
                 if not found:
                     return None
             else:
-                # Later deaths that no one caused (an exit code of their own)
-                # are culprits too: two items can crash two workers at once.
-                found |= {pid for pid, code in hit.items() if code is not None and code not in killed}
+                # Later deaths: one with an exit code of its own is a culprit too
+                # (two items can crash two workers at once); one we cannot
+                # read could be either: unsure.
+                if any(code in unknown for pid, code in hit.items() if pid not in found):
+                    return None
+                found |= {pid for pid, code in hit.items() if code not in killed}
         return [i for i, pid in running.items() if pid in found] or None
 
     def settle(self, items: list[int], timeout: float = 2.0) -> None:

@@ -15,6 +15,7 @@ from parallelmethods._mpwatch import WorkerDied
 from parallelmethods._recovery import PoolFailure, Recovery
 
 from . import _crashers as C
+from .conftest import FORK_ROUTE
 
 N = 2
 
@@ -207,7 +208,9 @@ def test_crash_on_item_3_of_40_returns_every_result(process_backend: str, tmp_pa
     assert [v for i, v in enumerate(out) if i != 3] == [10 * i for i in range(40) if i != 3]
     runs = C.runs(d)
     assert set(runs) == set(range(40))
-    assert runs[3] == 1  # retries=0: the board pins the crash on item 3 (Linux pidfd)
+    # retries=0: the board pins the crash on item 3 (Linux pidfd); under forkserver
+    # multiprocessing often cannot read its workers' exit codes: isolation, twice.
+    assert runs[3] == 1 or (runs[3] == 2 and process_backend == "multiprocessing" and not FORK_ROUTE)
     assert max(runs.values()) <= 2  # a bystander killed mid-item runs again
     # No item runs to its end twice, but for a bystander that loky killed in the
     # instant between its method returning and its result reaching the log.
