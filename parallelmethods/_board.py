@@ -143,11 +143,10 @@ def _log_path(board_path: str, first: int) -> str:
 class Board:
     """The caller's side of one board; ``None`` from :meth:`create` when no file can be made."""
 
-    def __init__(self, path: str, base: int, n_items: int, log: bool, mm: mmap.mmap) -> None:
+    def __init__(self, path: str, base: int, log: bool, mm: mmap.mmap) -> None:
         self.path = path
         self.ref = BoardRef(path, base, log)
         self.base = base
-        self.n_items = n_items
         self._mm = mm
         self.watch = DeathWatch() if log and DeathWatch.available() else None
         self._handed_off = False
@@ -171,7 +170,7 @@ class Board:
                     os.unlink(path)
                 continue
             os.close(fd)
-            board = cls(path, base, n_items, log, mm)
+            board = cls(path, base, log, mm)
             if board.watch is not None:
                 board.watch.start()
             return board
