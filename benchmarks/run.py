@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help="run only these rows, comma-separated: W6,W6b,W7,W8,W5f (no JSON, no chart)",
+        help="run only these rows, comma-separated: W1,W2,W3a,W3b,W4,W6,W6b,W7,W8,W5f (no JSON, no chart)",
     )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "latest.json"))
     parser.add_argument("--chart", default=os.path.join(ROOT, "docs", "benchmark.png"))
@@ -623,8 +623,18 @@ def main(argv: list[str] | None = None) -> int:
         f"parallelmethods benchmarks ({mode_name}), {WORKERS} workers, joblib {joblib.__version__}, Python {sys.version.split()[0]}"
     )
     if args.only:
-        rows = run_result_rows(mode_name, [r for r in args.only.split(",") if r in RESULT_ROWS])
-        print(result_rows_report(rows))
+        only = args.only.split(",")
+        chosen = [w for w in workloads if w.name in only]
+        if chosen:
+            _warm(everything)
+        for w in chosen:
+            print(f"{w.name}: {w.title}", flush=True)
+            run_workload(w, s["repeats"], s["budget"], memory=w.name.startswith("W3") and _importable("psutil"))
+        if chosen:
+            print(_report(chosen, {}, None, None))
+        rows = run_result_rows(mode_name, [r for r in only if r in RESULT_ROWS])
+        if rows:
+            print(result_rows_report(rows))
         return 0
     if args.clusters_only:
         dask_row = None if args.no_dask else run_dask_w3b(DictHolder(s["w3b"]), s["w3_items"])
@@ -736,7 +746,8 @@ def _report(
             star = "*" if k in w.extrapolated else " "
             mem = (f"{w.peak_mb[k]:12.0f}" if w.peak_mb[k] > 5 else f"{'~0 †':>12}") if k in w.peak_mb else " " * 12
             lines.append(f"  {k:31}{star} {v:10.3f} {v / loop:8.2f} {v / best_pm:10.2f} {mem}")
-    lines.append("\nW5 (same object, repeated calls):")
+    if w5:
+        lines.append("\nW5 (same object, repeated calls):")
     for k, v in w5.items():
         lines.append(
             f"  {k:32} first {v['first']:.3f}s  later (median) {v['later_median']:.3f}s  ratio {v['later_median'] / v['first']:.2f}"

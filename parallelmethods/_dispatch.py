@@ -64,13 +64,16 @@ are mapped, not copied.
 
 from __future__ import annotations
 
+import functools
 import gc
+import itertools
 import mmap
 import os
 import sys
 import threading
 import time
 import traceback
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -440,9 +443,10 @@ def run_chunk(
         _statecache.release(key, cached)
 
 
-#: A chunk expected to end within this time (its first item's time times its
-#: size) is not checked for the stop flag after its first item (_board).
-FAST_CHUNK_SECONDS = 0.02
+#: The lean loop looks at the stop flag once per block of items that takes about this long.
+STOP_CHECK_SECONDS = 0.01
+#: Items run one at a time (and timed) before the lean loop takes over.
+PROBE_ITEMS = 8
 
 
 def _run_items(
@@ -454,79 +458,108 @@ def _run_items(
     wboard: _board.WorkerBoard | None = None,
     log: _board.ChunkLog | None = None,
     handle: Any = None,
-) -> tuple[int, list[Any], bool, bool]:
+) -> tuple[int, Any, bool, bool]:
     kind, name, mro_index, fixed_args, fixed_kwargs, on_error, check_mutations, ctx, star = spec
-    fn, lead = resolve_call(subject, kind, name, mro_index)
-    if fixed_args or lead:
-        lead = (*lead, *fixed_args)
+    call = _bind(*resolve_call(subject, kind, name, mro_index), fixed_args, fixed_kwargs)
     before = _statecache.state_fingerprint(subject) if check_mutations else ""
     results: list[Any] = []
     append = results.append
     had_error = False
-    index = first
-    # Why the marks: with recovery on, a crash is pinned on the item whose
-    # slot holds the dead worker's pid (_board); the log keeps every result
-    # that ended, so a crash later in the chunk does not lose it.
-    marks = wboard is not None and wboard.log
-    # Why the stop checks stop early on a fast chunk: the flag costs ~40 ns an
-    # item (4 ms a worker on W1's 200 000 squares), and a chunk whose first
-    # 8 items say it ends within ~20 ms need not be stopped half-way. The
-    # loop without board work is a separate, lean loop for the same reason.
+    n_items = len(items)
     rest = iter(items)
     stopped = False
-    if wboard is not None:
-        n_items = len(items)
-        started_at = time.perf_counter()
+    # Two loops over the same iterator. The careful one runs items one at a
+    # time: it looks at the stop flag before each, marks and logs each (with
+    # recovery on, a crash is pinned on the item whose slot holds the dead
+    # worker's pid and a crash later in the chunk loses no logged result:
+    # _board), packs each as it ends when results are large (``stream``), and
+    # times the first PROBE_ITEMS. The lean loop runs the rest in blocks of
+    # about STOP_CHECK_SECONDS and looks at the stop flag between blocks.
+    # Why two: the careful loop's per-item work doubles W1's cost.
+    marks = wboard is not None and wboard.log
+    # Why pack as items end: a chunk of large results packed item by item costs
+    # the worker what one result costs (_results.STREAM_BYTES); the log packs
+    # each result anyway. None: the first result decides; threads never pack.
+    stream: bool | None = True if log is not None else (None if serialized else False)
+    block = n_items  # items per look at the stop flag in the lean loop
+    if wboard is not None or stream is None:
+        index = first
+        timed_from = 0.0
         for item in rest:
-            if wboard.stopped():
+            if wboard is not None and wboard.stopped():
                 stopped = True  # the caller stopped reading: skip what has not started
                 break
             if marks:
-                wboard.started(index)
+                wboard.started(index)  # type: ignore[union-attr]
             failed = False
             try:
-                if star:
-                    append(fn(*lead, *item, **fixed_kwargs))
-                else:
-                    append(fn(*lead, item, **fixed_kwargs))
+                value = call(*item) if star else call(item)
             except KeyboardInterrupt:
                 raise
             except BaseException as exc:  # noqa: BLE001 - every method error travels back, SystemExit too
-                append(_capture(index, exc, serialized))
+                value = _capture(index, exc, serialized)
                 had_error = failed = True
+            if stream is None:  # the first result: large ones are packed as they end
+                packed = _pack_one(index, value, handle, ctx)
+                stream = _results.packed_size(packed) >= _results.STREAM_BYTES
+                append(packed if stream else value)
+                timed_from = time.perf_counter()  # the probe times items 2..PROBE_ITEMS, not this packing
+            elif stream:
+                append(_pack_one(index, value, handle, ctx))
+            else:
+                append(value)
+            del value  # a packed result's objects go now, not at the next item
             if marks:
-                wboard.ended(index)
+                wboard.ended(index)  # type: ignore[union-attr]
                 if log is not None:
-                    log.add(_pack_one(index, results[-1], handle, ctx))
+                    log.add(results[-1])
             if failed and on_error == "raise":
                 stopped = True
                 break
             index += 1
-            if (
-                not marks
-                and index == first + 8
-                and (time.perf_counter() - started_at) * n_items < 8 * FAST_CHUNK_SECONDS
-            ):
-                break  # the first 8 items say the chunk is short: the rest in the lean loop
-    if not stopped:
-        for item in rest:
-            try:
-                # Two call shapes: several iterables/starmap give tuples; one
-                # iterable gives the argument itself (the hot path of map).
-                if star:
-                    append(fn(*lead, *item, **fixed_kwargs))
-                else:
-                    append(fn(*lead, item, **fixed_kwargs))
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - every method error travels back, SystemExit too
-                append(_capture(index, exc, serialized))
-                had_error = True
-                if on_error == "raise":
-                    break
-            index += 1
+            if index == first + 1 and not timed_from:
+                timed_from = time.perf_counter()
+            elif index == first + PROBE_ITEMS and not marks and not stream:
+                per_item = (time.perf_counter() - timed_from) / (PROBE_ITEMS - 1)
+                block = max(1, int(STOP_CHECK_SECONDS / per_item)) if per_item > 0 else n_items
+                break
+    while not stopped and len(results) < n_items:
+        if wboard is not None and wboard.stopped():
+            break
+        # Why the try outside the for: it costs nothing until an item raises;
+        # then the item is captured and the next block goes on with the rest
+        # of the same iterator (with on_error="raise" it stops there).
+        try:
+            if star:
+                for item in itertools.islice(rest, block):
+                    append(call(*item))
+            else:
+                for item in itertools.islice(rest, block):
+                    append(call(item))
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every method error travels back, SystemExit too
+            append(_capture(first + len(results), exc, serialized))
+            had_error = True
+            stopped = on_error == "raise"
     mutated = bool(check_mutations) and _statecache.state_fingerprint(subject) != before
+    if stream:
+        return first, _results.Packed(results), mutated, had_error
     return first, results, mutated, had_error
+
+
+def _bind(fn: Any, lead: tuple[Any, ...], fixed_args: tuple[Any, ...], fixed_kwargs: dict[str, Any]) -> Any:
+    """One callable taking only the item's arguments.
+
+    Why: ``fn(*lead, item, **fixed_kwargs)`` builds a tuple and a dict on every
+    item, twice the cost of W1's whole loop; a bound method (the common case:
+    ``self`` and nothing fixed) is called as fast as ``obj.method(item)``.
+    """
+    if fixed_kwargs or fixed_args or len(lead) > 1:
+        return functools.partial(fn, *lead, *fixed_args, **fixed_kwargs)
+    if lead:
+        return types.MethodType(fn, lead[0])
+    return fn
 
 
 def _pack_one(index: int, result: Any, handle: Any, ctx: Any) -> Any:

@@ -59,7 +59,7 @@ from . import _orphan
 from ._compat import track_file, untrack_file
 from ._serialize import _CloudPickler, _Pickler, dumps_value, loads_value
 
-__all__ = ["MIN_FILE_BYTES", "OutOfBand", "load", "pack", "sweep"]
+__all__ = ["MIN_FILE_BYTES", "STREAM_BYTES", "OutOfBand", "Packed", "load", "pack", "sweep"]
 
 #: Buffers at least this large come back in their own file; smaller ones stay in the stream.
 #: Why 1 MiB: a file costs ~0.1 ms (create, register, map, unlink, unregister),
@@ -67,6 +67,14 @@ __all__ = ["MIN_FILE_BYTES", "OutOfBand", "load", "pack", "sweep"]
 MIN_FILE_BYTES = 1 << 20
 _PREFIX = "parallelmethods-"
 _SUFFIX = ".res"
+#: A chunk whose first result packs to at least this many bytes is packed item
+#: by item as each item ends (:class:`Packed`). Why: kept as objects until the
+#: chunk ends, 8 results of ~1 MB of plain data cost the worker full garbage
+#: collections over all of them and one pickle memo over all of them; packed
+#: one at a time they cost what one does (W6b: worker CPU 4.8 s vs 2.9 s).
+#: Why a threshold: packing each of 200 000 tiny results alone costs W1 more
+#: than the pickle of their list.
+STREAM_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -275,6 +283,34 @@ def load(out: Any) -> Any:
     return loads_value(out.main, buffers=views)
 
 
+def packed_size(packed: Any) -> int:
+    """Bytes that one :func:`pack` output stands for (its stream and its files)."""
+    if isinstance(packed, OutOfBand):
+        return len(packed.main) + sum(packed.sizes)
+    return len(packed)
+
+
+class Packed:
+    """A chunk's results already packed one by one in the worker (each a :func:`pack` output).
+
+    The caller rebuilds them one at a time (:func:`decode`). See :data:`STREAM_BYTES`.
+    """
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Packed, (self.items,))
+
+    def load(self) -> list[Any]:
+        return [load(item) for item in self.items]
+
+
 @dataclass(frozen=True)
 class Decoded:
     """A chunk's results already rebuilt in the caller (by the pool's result thread), or why not."""
@@ -294,7 +330,10 @@ def decode(out: Any) -> Decoded:
     fails later still finds it (the board's salvage).
     """
     try:
-        return Decoded(load(out))
+        value = load(out)
+        if type(value) is tuple and len(value) == 4 and type(value[1]) is Packed:
+            value = (value[0], value[1].load(), *value[2:])
+        return Decoded(value)
     except Exception as e:  # noqa: BLE001 - raised where the main thread reads it
         return Decoded(error=e)
 

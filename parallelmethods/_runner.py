@@ -474,14 +474,19 @@ def run_map(bound: BoundParallelMethod[Any, Any], layer: Options, items_in: Any)
         return []
     results: list[Any] = [_UNFILLED] * len(items)
     collector = _Collector(plan, len(items))
+    filled = 0
     try:
         with shipped(plan) as shipment:
             executor = _Executor(plan, shipment)
             for first, values in Recovery(plan, executor, collector, 0, items, _auto_chunk(plan, len(items))).run():
                 results[first : first + len(values)] = values
+                filled += len(values)
     finally:
         collector.close()
-    if any(r is _UNFILLED for r in results):  # Recovery.run checked its units; this checks the slots
+    # Recovery.run checked that its units are disjoint and cover every item;
+    # this checks that every slot was filled. Why a count, not a scan of the
+    # slots: scanning 200 000 slots costs W1 ~10 ms.
+    if filled != len(items):
         missing = [i for i, r in enumerate(results) if r is _UNFILLED][:10]
         what = f"results for items {missing} are missing"
         raise internal_error(what)

@@ -267,3 +267,73 @@ def _board_files(pid: int) -> list[str]:
         if os.path.isdir(folder):
             found += [n for n in os.listdir(folder) if n.startswith(f"parallelmethods-{pid}-b")]
     return found
+
+
+# -- chunks of large results are packed as each item ends (_results.STREAM_BYTES) --
+
+
+class Rows:
+    """Plain data (no buffer) of a chosen size per item; reports how its chunk was being packed."""
+
+    def __init__(self, sizes: dict[int, int]) -> None:
+        self.sizes = sizes
+
+    @parallelizable
+    def rows(self, i: int, bad: int = -1, unpicklable: int = -1) -> Any:
+        # The worker loop's `stream` when this item ran: None (the first item
+        # decides), True (packed as items end) or False (the list at the end).
+        loop = sys._getframe(1)
+        stream = loop.f_locals.get("stream", "?") if loop.f_code.co_name == "_run_items" else "not in a worker"
+        if i == bad:
+            raise ValueError(f"bad {i}")
+        out: dict[str, Any] = {"i": i, "rows": [(j, f"r{j}") for j in range(self.sizes.get(i, 10))], "stream": stream}
+        if i == unpicklable:
+            import threading
+
+            out["lock"] = threading.Lock()
+        return out
+
+
+def _rows_loop(sizes: dict[int, int], n: int) -> list[Any]:
+    return [{"i": i, "rows": [(j, f"r{j}") for j in range(sizes.get(i, 10))]} for i in range(n)]
+
+
+@pytest.mark.parametrize("backend", ["loky", "multiprocessing"])
+def test_chunk_with_a_large_first_result_is_packed_as_items_end(backend: str) -> None:
+    """Chunks of 4: a chunk whose first result is large packs each later one as it ends; results equal the loop's."""
+    big = 20_000  # ~200 KB pickled: above STREAM_BYTES
+    # chunk 0: first large, the rest small; chunk 4: first small, a later one large;
+    # chunk 8: all large; chunk 12: all small
+    sizes = {0: big, 6: big, 8: big, 9: big, 10: big, 11: big}
+    got = Rows(sizes).rows.map(range(16), backend=backend, n_jobs=2, batch_size=4)
+    assert [{k: v for k, v in g.items() if k != "stream"} for g in got] == _rows_loop(sizes, 16)
+    firsts = {0, 4, 8, 12}
+    assert all(got[i]["stream"] is None for i in firsts)  # the first item decides
+    assert [i for i in range(16) if i not in firsts and got[i]["stream"] is True] == [1, 2, 3, 9, 10, 11]
+    assert [i for i in range(16) if i not in firsts and got[i]["stream"] is False] == [5, 6, 7, 13, 14, 15]
+
+
+@pytest.mark.parametrize("backend", ["loky", "multiprocessing"])
+def test_errors_in_a_packed_chunk(backend: str) -> None:
+    """A method's error and an unpicklable result inside a packed chunk: named, in their places; the rest intact."""
+    from parallelmethods import SerializationError
+
+    sizes = dict.fromkeys(range(8), 20_000)
+    m = Rows(sizes).rows.partial(bad=2, unpicklable=5)
+    got = m.map(range(8), backend=backend, n_jobs=2, batch_size=4, on_error="return")
+    assert isinstance(got[2], ValueError) and str(got[2]) == "bad 2"
+    assert isinstance(got[5], SerializationError) and "item 5" in str(got[5]) and "pickled" in str(got[5])
+    expected = _rows_loop(sizes, 8)
+    for i in (0, 1, 3, 4, 6, 7):
+        assert {k: v for k, v in got[i].items() if k != "stream"} == expected[i]
+    with pytest.raises(ValueError, match="bad 2"):
+        m.map(range(8), backend=backend, n_jobs=2, batch_size=4)
+
+
+def test_threads_and_sequential_never_pack() -> None:
+    """Threads never pack (no copy at all); an inline route (sequential) packs nothing either."""
+    sizes = dict.fromkeys(range(6), 20_000)
+    for backend in ("threading", "sequential"):
+        got = Rows(sizes).rows.map(range(6), backend=backend, n_jobs=2, batch_size=3)
+        assert [{k: v for k, v in g.items() if k != "stream"} for g in got] == _rows_loop(sizes, 6)
+        assert all(g["stream"] in (False, "not in a worker") for g in got)
