@@ -19,8 +19,9 @@ has room)::
 
 * Header byte 0 is the *stop flag*: the caller sets it when it stops reading
   a run on purpose (a method's error with ``on_error="raise"``, an abandoned
-  ``imap``); workers check it before each item and return at once, so the
-  run ends quickly *without* killing loky's warm workers.
+  ``imap``); workers check it before each item (quick items: between
+  blocks of ~10 ms, at most 256 items, ``_dispatch.MAX_BLOCK``) and return at
+  once, so the run ends quickly *without* killing loky's warm workers.
 * With recovery on (``on_error="return"`` or ``retries=``): a worker writes its
   pid into an item's slot when the item starts and ``-pid`` when it ends, and
   appends the item's result to its chunk's log (length-prefixed records, each

@@ -402,7 +402,8 @@ def run_chunk(
     arrive as bytes and the result leaves as bytes, so pickling errors are
     ours to name. Returns ``(first, results, mutated, had_error)`` where a
     failed item's result is a :class:`RemoteError`, and ``results`` may be
-    :class:`~parallelmethods._board.Logged` (they are in the chunk's log).
+    :class:`~parallelmethods._board.Logged` (they are in the chunk's log) or
+    :class:`~parallelmethods._results.Packed` (packed one by one as they ended).
     ``board`` (local process routes) is the run's board: its stop flag,
     and with recovery on, item marks and the results log (``_board``).
     """
@@ -443,8 +444,10 @@ def run_chunk(
         _statecache.release(key, cached)
 
 
-#: The lean loop looks at the stop flag once per block of items that takes about this long.
+#: The lean loop looks at the stop flag once per block of items that takes about
+#: this long (timed block by block), and at least every MAX_BLOCK items.
 STOP_CHECK_SECONDS = 0.01
+MAX_BLOCK = 256
 #: Items run one at a time (and timed) before the lean loop takes over.
 PROBE_ITEMS = 8
 
@@ -474,14 +477,15 @@ def _run_items(
     # worker's pid and a crash later in the chunk loses no logged result:
     # _board), packs each as it ends when results are large (``stream``), and
     # times the first PROBE_ITEMS. The lean loop runs the rest in blocks of
-    # about STOP_CHECK_SECONDS and looks at the stop flag between blocks.
+    # about STOP_CHECK_SECONDS (at most MAX_BLOCK items, each block timed to
+    # size the next) and looks at the stop flag between blocks.
     # Why two: the careful loop's per-item work doubles W1's cost.
     marks = wboard is not None and wboard.log
     # Why pack as items end: a chunk of large results packed item by item costs
     # the worker what one result costs (_results.STREAM_BYTES); the log packs
     # each result anyway. None: the first result decides; threads never pack.
     stream: bool | None = True if log is not None else (None if serialized else False)
-    block = n_items  # items per look at the stop flag in the lean loop
+    block = n_items  # items per look at the stop flag in the lean loop (no board: one block)
     if wboard is not None or stream is None:
         index = first
         timed_from = 0.0
@@ -500,12 +504,15 @@ def _run_items(
                 value = _capture(index, exc, serialized)
                 had_error = failed = True
             if stream is None:  # the first result: large ones are packed as they end
-                packed = _pack_one(index, value, handle, ctx)
+                packed, unpicklable = _pack_one(index, value, handle, ctx)
                 stream = _results.packed_size(packed) >= _results.STREAM_BYTES
                 append(packed if stream else value)
+                had_error = had_error or (stream and unpicklable)
                 timed_from = time.perf_counter()  # the probe times items 2..PROBE_ITEMS, not this packing
             elif stream:
-                append(_pack_one(index, value, handle, ctx))
+                packed, unpicklable = _pack_one(index, value, handle, ctx)
+                append(packed)
+                had_error = had_error or unpicklable  # its SerializationError is in its place
             else:
                 append(value)
             del value  # a packed result's objects go now, not at the next item
@@ -520,12 +527,14 @@ def _run_items(
             if index == first + 1 and not timed_from:
                 timed_from = time.perf_counter()
             elif index == first + PROBE_ITEMS and not marks and not stream:
-                per_item = (time.perf_counter() - timed_from) / (PROBE_ITEMS - 1)
-                block = max(1, int(STOP_CHECK_SECONDS / per_item)) if per_item > 0 else n_items
+                if wboard is not None:
+                    block = _block_size(time.perf_counter() - timed_from, PROBE_ITEMS - 1)
                 break
     while not stopped and len(results) < n_items:
         if wboard is not None and wboard.stopped():
             break
+        started_at = time.perf_counter()
+        done = len(results)
         # Why the try outside the for: it costs nothing until an item raises;
         # then the item is captured and the next block goes on with the rest
         # of the same iterator (with on_error="raise" it stops there).
@@ -542,10 +551,19 @@ def _run_items(
             append(_capture(first + len(results), exc, serialized))
             had_error = True
             stopped = on_error == "raise"
+        if wboard is not None:  # items that slow down get smaller blocks at once
+            block = _block_size(time.perf_counter() - started_at, len(results) - done)
     mutated = bool(check_mutations) and _statecache.state_fingerprint(subject) != before
     if stream:
         return first, _results.Packed(results), mutated, had_error
     return first, results, mutated, had_error
+
+
+def _block_size(elapsed: float, n: int) -> int:
+    """Items the lean loop runs between two looks at the stop flag, from ``n`` items taking ``elapsed``."""
+    if elapsed <= 0 or n <= 0:
+        return MAX_BLOCK
+    return max(1, min(MAX_BLOCK, int(STOP_CHECK_SECONDS * n / elapsed)))
 
 
 def _bind(fn: Any, lead: tuple[Any, ...], fixed_args: tuple[Any, ...], fixed_kwargs: dict[str, Any]) -> Any:
@@ -562,12 +580,16 @@ def _bind(fn: Any, lead: tuple[Any, ...], fixed_args: tuple[Any, ...], fixed_kwa
     return fn
 
 
-def _pack_one(index: int, result: Any, handle: Any, ctx: Any) -> Any:
-    """One result as the log keeps it (large buffers in their own files, as _pack)."""
+def _pack_one(index: int, result: Any, handle: Any, ctx: Any) -> tuple[Any, bool]:
+    """One result packed alone (large buffers in their own files, as _pack); True if it could not be.
+
+    A result that cannot be pickled is packed as its named SerializationError
+    (a RemoteError): the chunk then has an error (``had_error``).
+    """
     try:
-        return _results.pack(result, handle, ctx)
+        return _results.pack(result, handle, ctx), False
     except Exception:  # noqa: BLE001 - name the result that cannot travel
-        return _results.pack(_result_or_error(index, result), handle, ctx)
+        return _results.pack(_result_or_error(index, result), handle, ctx), True
 
 
 def _pack(out: tuple[int, Any, bool, bool], serialized: bool, handle: Any = None, ctx: Any = None) -> Any:
@@ -576,8 +598,10 @@ def _pack(out: tuple[int, Any, bool, bool], serialized: bool, handle: Any = None
     try:
         # Large buffers (numpy arrays) leave in files on local process routes (_results).
         return _results.pack(out, handle, ctx)
-    except Exception:  # noqa: BLE001 - find which result cannot travel
+    except Exception:  # find which result cannot travel
         first, results, mutated, _ = out
+        if isinstance(results, _results.Packed):
+            raise  # packed bytes always pickle: this is not a result's fault
         safe = (first, [_result_or_error(first + i, r) for i, r in enumerate(results)], mutated, True)
         return _results.pack(safe, handle, ctx)
 

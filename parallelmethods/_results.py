@@ -325,7 +325,8 @@ def decode(out: Any) -> Decoded:
     Why a separate step: the multiprocessing backend calls it in the pool's
     result thread as each chunk arrives, while the workers go on computing;
     joblib hands the main thread the results only when the whole run ends.
-    A chunk whose results are in its log (``_board.Logged``) stays so: the
+    Results the worker packed one by one (:class:`Packed`) are rebuilt here
+    too. A chunk whose results are in its log (``_board.Logged``) stays so: the
     log is read when the main thread takes the chunk, so that a run that
     fails later still finds it (the board's salvage).
     """

@@ -258,7 +258,8 @@ def _drain_outputs(
     every worker, so the next map pays a cold start (self rebuilt in fresh
     processes) after any error with ``on_error="raise"`` or an abandoned
     ``imap``. Instead the board's stop flag is raised: tasks not started
-    return at once, running ones end after their current item. A daemon
+    return at once, running ones end after their current item (or block of
+    quick items, ``_dispatch.STOP_CHECK_SECONDS``). A daemon
     thread reads the run to its end; if a worker is still busy after
     :data:`DRAIN_SECONDS`, joblib's own timeout aborts the run (as before).
     The caller does not wait: the error is raised, or ``close()`` returns, now.
@@ -483,9 +484,9 @@ def run_map(bound: BoundParallelMethod[Any, Any], layer: Options, items_in: Any)
                 filled += len(values)
     finally:
         collector.close()
-    # Recovery.run checked that its units are disjoint and cover every item;
-    # this checks that every slot was filled. Why a count, not a scan of the
-    # slots: scanning 200 000 slots costs W1 ~10 ms.
+    # Recovery.run checked each unit's length and that its units add up to
+    # every item; this counts the values placed. Why a count, not a scan of
+    # the slots: scanning 200 000 slots costs W1 ~10 ms.
     if filled != len(items):
         missing = [i for i, r in enumerate(results) if r is _UNFILLED][:10]
         what = f"results for items {missing} are missing"

@@ -328,6 +328,10 @@ def test_errors_in_a_packed_chunk(backend: str) -> None:
         assert {k: v for k, v in got[i].items() if k != "stream"} == expected[i]
     with pytest.raises(ValueError, match="bad 2"):
         m.map(range(8), backend=backend, n_jobs=2, batch_size=4)
+    # With the default on_error="raise", an unpicklable result alone is raised
+    # as its SerializationError (never returned as a value).
+    with pytest.raises(SerializationError, match=r"result of item 5"):
+        Rows(sizes).rows.partial(unpicklable=5).map(range(8), backend=backend, n_jobs=2, batch_size=4)
 
 
 def test_threads_and_sequential_never_pack() -> None:
@@ -337,3 +341,25 @@ def test_threads_and_sequential_never_pack() -> None:
         got = Rows(sizes).rows.map(range(6), backend=backend, n_jobs=2, batch_size=3)
         assert [{k: v for k, v in g.items() if k != "stream"} for g in got] == _rows_loop(sizes, 6)
         assert all(g["stream"] in (False, "not in a worker") for g in got)
+
+
+class Table:
+    def __init__(self) -> None:
+        self.table = list(range(20_000))  # ~100 KB pickled: chunks of it are packed item by item
+
+    @parallelizable
+    def same(self, i: int) -> Any:
+        return self.table
+
+
+@pytest.mark.parametrize("backend", ["loky", "multiprocessing", "threading"])
+def test_the_same_object_returned_by_every_item(backend: str) -> None:
+    """Equal to the loop's results everywhere; the very same object only with threads (docs/conformance.md)."""
+    t = Table()
+    got = t.same.map(range(6), backend=backend, n_jobs=2, batch_size=3)
+    assert all(g == t.table for g in got)
+    if backend == "threading":
+        assert all(g is t.table for g in got)
+    else:
+        assert all(g is not t.table for g in got)
+        assert got[0] is not got[3]  # different chunks
