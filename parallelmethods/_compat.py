@@ -295,6 +295,23 @@ def pool_processes(pool: Any) -> list[Any]:
     return list(getattr(pool, "_pool", None) or ())
 
 
+def outqueue_write_lock(pool: Any) -> Any:
+    """The lock every worker of a ``multiprocessing.Pool`` holds while it sends a result; None if unknown.
+
+    Why: a worker killed while it holds this lock (SIGKILL, or the pool's own
+    SIGTERM in ``terminate()``) leaves it held for ever, and ``Pool.terminate()``
+    then hangs: its task-handler thread's last ``outqueue.put(None)`` waits on
+    it, and ``terminate()`` joins that thread (CPython's pool, every version to
+    3.14). ``_mpwatch`` releases it once every worker is dead. It is the
+    private ``Pool._outqueue._wlock`` (a ``multiprocessing.Lock``, which any
+    process may release; joblib's ``CustomizablePicklingQueue`` 1.4.2 to 1.6.0
+    and CPython's ``SimpleQueue`` on POSIX); tests/test_compat.py fails if it
+    is gone.
+    """
+    lock = getattr(getattr(pool, "_outqueue", None), "_wlock", None)
+    return lock if hasattr(lock, "acquire") and hasattr(lock, "release") else None
+
+
 # ---------------------------------------------------------------------------
 # loky (vendored in joblib.externals.loky: joblib 1.4.2 has loky 3.4.1,
 # 1.5.x loky 3.5.3 to 3.5.6, 1.6.0 loky 3.5.x).

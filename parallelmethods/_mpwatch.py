@@ -20,8 +20,10 @@ sees every task on 1.4.2 to 1.6.0.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
+import time
 from typing import Any
 
 from ._compat import (
@@ -30,6 +32,7 @@ from ._compat import (
     SequentialBackend,
     backend_kwargs,
     memmapping_pool,
+    outqueue_write_lock,
     pool_processes,
     undo_ray_pool_patch,
 )
@@ -143,4 +146,48 @@ class WatchedMultiprocessingBackend(MultiprocessingBackend):  # type: ignore[mis
         stop = getattr(self, "_stop", None)
         if stop is not None:
             stop.set()  # before the pool's own SIGTERMs, which are not crashes
-        super().terminate()
+        pool = getattr(self, "_pool", None)
+        ended = threading.Event()
+        if pool is not None:
+            threading.Thread(
+                target=_unstick, args=(pool, ended), name="parallelmethods-mp-unstick", daemon=True
+            ).start()
+        try:
+            super().terminate()
+        finally:
+            ended.set()
+
+
+#: How long the result lock may stay taken once every worker is dead before it is released.
+STUCK_SECONDS = 1.0
+
+
+def _unstick(pool: Any, ended: threading.Event) -> None:
+    """Release the pool's result lock if a dead worker holds it, so that ``terminate()`` ends.
+
+    Why: a worker killed while sending a result (the pool's own SIGTERM, a
+    SIGKILL) holds ``outqueue``'s write lock for ever, and ``Pool.terminate()``
+    waits on it (see ``_compat.outqueue_write_lock``). Only once every worker
+    is dead and the lock has stayed taken for :data:`STUCK_SECONDS` is it
+    released, once: then no living process can hold it.
+    """
+    lock = outqueue_write_lock(pool)
+    if lock is None:
+        return
+    taken_since: float | None = None
+    while not ended.wait(POLL_SECONDS):
+        # A worker the pool already removed from its list was dead and joined.
+        if any(p.exitcode is None for p in pool_processes(pool)):
+            taken_since = None
+            continue
+        if lock.acquire(False):
+            lock.release()
+            taken_since = None
+            continue
+        now = time.monotonic()
+        if taken_since is None:
+            taken_since = now
+        elif now - taken_since >= STUCK_SECONDS:
+            with contextlib.suppress(ValueError):
+                lock.release()  # held by a dead worker: nobody else will
+            return

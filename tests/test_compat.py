@@ -389,3 +389,53 @@ def test_a_running_parallel_reads_its_new_timeout() -> None:
     else:  # pragma: no cover - what this test guards against
         raise AssertionError("the new timeout was not read: the run waited for the 30 s task")
     assert time.monotonic() - t0 < 10
+
+
+def test_outqueue_write_lock_is_the_lock_workers_send_results_under() -> None:
+    """Pool._outqueue._wlock: a multiprocessing Lock the workers take to send a result; any process may release it."""
+    pool = _compat.memmapping_pool(2)
+    try:
+        lock = _compat.outqueue_write_lock(pool)
+        assert lock is not None
+        assert lock is pool._outqueue._wlock
+        assert pool.apply_async(abs, (-3,)).get(timeout=30) == 3  # free after a result was sent
+        assert lock.acquire(timeout=10)
+        lock.release()
+    finally:
+        pool.terminate()
+
+
+def _take_and_die(lock: Any) -> None:
+    lock.acquire()
+    os._exit(7)
+
+
+def test_result_lock_held_by_a_dead_worker_is_released() -> None:
+    """_mpwatch._unstick releases the result lock once every worker is dead and it stays taken (Pool.terminate's hang)."""
+    import multiprocessing
+    import threading
+    import time
+
+    from parallelmethods import _mpwatch
+
+    ctx = multiprocessing.get_context()
+    lock = ctx.Lock()
+    holder = ctx.Process(target=_take_and_die, args=(lock,))
+    holder.start()
+    holder.join(30)
+    assert holder.exitcode == 7
+    assert not lock.acquire(False)  # held for ever by a dead process
+
+    class Pool:  # the two attributes _unstick reads, on real processes and a real lock
+        _pool = [holder]
+        _outqueue = types.SimpleNamespace(_wlock=lock)
+
+    ended = threading.Event()
+    t0 = time.monotonic()
+    thread = threading.Thread(target=_mpwatch._unstick, args=(Pool(), ended))
+    thread.start()
+    assert lock.acquire(timeout=10)  # released for us
+    assert time.monotonic() - t0 >= _mpwatch.STUCK_SECONDS  # not before it stayed taken that long
+    lock.release()
+    thread.join(10)
+    assert not thread.is_alive()
