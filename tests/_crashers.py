@@ -102,6 +102,13 @@ class Warm:
         return os.getpid()
 
     @parallelizable
+    def quick(self, x: int) -> int:
+        """About a microsecond of work (chunks of them run in the worker's lean loop); raises on ``bad``."""
+        if x == self.bad:
+            raise ValueError(f"bad {x}")
+        return sum(range(20)) + x
+
+    @parallelizable
     def fail(self, x: int) -> int:
         if x == self.bad:
             raise ValueError(f"bad {x}")

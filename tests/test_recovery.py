@@ -389,6 +389,23 @@ def test_a_failing_map_keeps_loky_workers_warm() -> None:
 
 
 @pytest.mark.timeout(120)
+def test_a_failing_map_of_quick_items_stops_between_blocks_and_keeps_workers_warm() -> None:
+    """Big chunks of ~1 us items: the chunk still running when another raises stops at its next block, not its end.
+
+    Each chunk takes well over DRAIN_SECONDS; a worker that did not look at
+    the stop flag between blocks would be killed by the drain's timeout.
+    """
+    w = C.Warm()
+    before = set(w.pid.map(range(16), backend="loky", n_jobs=N, batch_size=1))
+    n = 1_500_000
+    with pytest.raises(ValueError, match="bad 3"):
+        w.quick.map(range(2 * n), backend="loky", n_jobs=N, batch_size=n)
+    after = set(w.pid.map(range(16), backend="loky", n_jobs=N, batch_size=1))
+    assert after <= before, "the failing map killed loky's workers"
+    assert w.quick.partial().map(range(5, 20), backend="loky", n_jobs=N) == [sum(range(20)) + x for x in range(5, 20)]
+
+
+@pytest.mark.timeout(120)
 def test_a_failing_map_does_not_wait_for_a_long_item() -> None:
     """An item still running long after the error: the map raises at once; the run is aborted after DRAIN_SECONDS."""
     import time

@@ -334,6 +334,42 @@ def test_errors_in_a_packed_chunk(backend: str) -> None:
         Rows(sizes).rows.partial(unpicklable=5).map(range(8), backend=backend, n_jobs=2, batch_size=4)
 
 
+class Rows2(Rows):
+    """Rows that can end its worker once (``die``), for sequences on the same workers."""
+
+    @parallelizable
+    def rows_or_die(self, i: int, die: int, marker: str) -> Any:
+        if i == die and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return {"i": i, "rows": [(j, f"r{j}") for j in range(self.sizes.get(i, 10))]}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["loky", "multiprocessing"])
+def test_packed_chunks_in_a_sequence_on_warm_workers(backend: str, tmp_path: Any) -> None:
+    """Packed maps after a change to self, a method error and a crash, in one process: each equals the loop's."""
+    sizes = dict.fromkeys(range(8), 20_000)
+    r = Rows2(sizes)
+
+    def check() -> None:
+        got = r.rows.map(range(8), backend=backend, n_jobs=2, batch_size=4)
+        assert [{k: v for k, v in g.items() if k != "stream"} for g in got] == _rows_loop(r.sizes, 8)
+        assert got[1]["stream"] is True and got[5]["stream"] is True  # still packed
+
+    check()
+    r.sizes[5] = 30_000  # the caller's self changed: the workers must see it
+    check()
+    with pytest.raises(ValueError, match="bad 2"):
+        r.rows.partial(bad=2).map(range(8), backend=backend, n_jobs=2, batch_size=4)
+    check()
+    marker = str(tmp_path / "died")
+    got = r.rows_or_die.partial(die=6, marker=marker).map(range(8), backend=backend, n_jobs=2, batch_size=4, retries=1)
+    assert os.path.exists(marker)
+    assert got == _rows_loop(r.sizes, 8)
+    check()
+
+
 def test_threads_and_sequential_never_pack() -> None:
     """Threads never pack (no copy at all); an inline route (sequential) packs nothing either."""
     sizes = dict.fromkeys(range(6), 20_000)
